@@ -1,0 +1,128 @@
+//! The driver boundary: the narrow set of stream-ordered device operations that the
+//! allocator needs. Implemented by the CUDA driver ([`crate::cuda`]), the simulated
+//! device ([`crate::sim`]) and a null driver for measuring bookkeeping alone
+//! ([`crate::null`]).
+//!
+//! Every method takes the device explicitly: the real backend binds that device's
+//! primary context on the calling thread first, so the null stream and pool calls mean
+//! what the caller meant.
+
+use crate::error::DriverError;
+use crate::types::{
+    CaptureStatus, Device, DevicePtr, Event, MemInfo, PoolAttribute, Stream, UsageStream,
+};
+
+/// Result of a driver call.
+pub type DriverResult<T> = Result<T, DriverError>;
+
+/// Stream-ordered device operations on each device's default memory pool.
+pub trait Driver: Send + Sync + 'static {
+    /// A short name for logs and benchmark tables ("cuda", "sim", "null").
+    fn name(&self) -> &'static str;
+
+    /// How many devices there are. Must not create a context (S1).
+    fn device_count(&self) -> DriverResult<usize>;
+
+    /// S2: configure the device's default pool (release threshold `u64::MAX`, the three
+    /// reuse flags on). Called once per device, on first use.
+    fn init_device(&self, device: Device) -> DriverResult<()>;
+
+    /// Creates a non-blocking stream on `device` (the unifying free stream).
+    fn create_stream(&self, device: Device) -> DriverResult<Stream>;
+
+    /// S23: reports (and clears) an error left by earlier asynchronous work on this
+    /// thread/device, the way `cudaGetLastError` does.
+    fn check_last_error(&self, device: Device) -> DriverResult<()>;
+
+    /// `cuMemAllocAsync` from the device's default pool, ordered on `stream`.
+    /// Out of memory is a [`DriverError`] whose [`DriverError::is_oom`] holds.
+    fn malloc_async(&self, device: Device, size: usize, stream: Stream) -> DriverResult<DevicePtr>;
+
+    /// `cuMemFreeAsync` of `ptr` (of `size` bytes, allocated on `device`), ordered on `stream`.
+    fn free_async(
+        &self,
+        device: Device,
+        ptr: DevicePtr,
+        size: usize,
+        stream: Stream,
+    ) -> DriverResult<()>;
+
+    /// `cuMemGetInfo` for the device.
+    fn mem_get_info(&self, device: Device) -> DriverResult<MemInfo>;
+
+    /// Reads an attribute of the device's default pool (flags read as 0 or 1).
+    fn pool_attribute(&self, device: Device, attr: PoolAttribute) -> DriverResult<u64>;
+
+    /// Sets an attribute of the device's default pool.
+    fn set_pool_attribute(
+        &self,
+        device: Device,
+        attr: PoolAttribute,
+        value: u64,
+    ) -> DriverResult<()>;
+
+    /// `cuMemPoolTrimTo`: releases unused reserved memory down to `keep` bytes.
+    fn pool_trim_to(&self, device: Device, keep: u64) -> DriverResult<()>;
+
+    /// Waits for all work on the device.
+    fn device_synchronize(&self, device: Device) -> DriverResult<()>;
+
+    /// Records an event on `stream` (an event made on the stream's own device, S24).
+    fn record_event(&self, stream: UsageStream) -> DriverResult<Event>;
+
+    /// Makes `stream` wait for `event` (which may come from another device).
+    fn stream_wait_event(&self, stream: UsageStream, event: Event) -> DriverResult<()>;
+
+    /// Whether the work captured by `event` has completed (`cuEventQuery`).
+    fn event_query(&self, device: Device, event: Event) -> DriverResult<bool>;
+
+    /// Releases an event (it may still be pending; the driver frees it when done).
+    fn destroy_event(&self, device: Device, event: Event) -> DriverResult<()>;
+
+    /// Whether `stream` is being captured.
+    fn capture_status(&self, stream: UsageStream) -> DriverResult<CaptureStatus>;
+
+    /// S18: lets `accessor` read and write memory of `owner`'s default pool.
+    fn pool_set_access(&self, owner: Device, accessor: Device) -> DriverResult<()>;
+
+    /// S19: asynchronous device-to-device copy (`peer` selects a peer copy between two
+    /// devices without p2p access enabled).
+    #[allow(clippy::too_many_arguments)]
+    fn memcpy_async(
+        &self,
+        dst: DevicePtr,
+        dst_device: Device,
+        src: DevicePtr,
+        src_device: Device,
+        count: usize,
+        stream: UsageStream,
+        peer: bool,
+    ) -> DriverResult<()>;
+
+    /// S21: synchronous device-to-device copy of `count` bytes.
+    fn memcpy(
+        &self,
+        device: Device,
+        dst: DevicePtr,
+        src: DevicePtr,
+        count: usize,
+    ) -> DriverResult<()>;
+
+    /// Tells the driver layer that a block the allocator kept (never returned to the
+    /// driver) is handed out again on `stream`. A no-op on real hardware; the simulated
+    /// device checks that the reuse is ordered after the block's last use.
+    fn note_reuse(&self, _device: Device, _ptr: DevicePtr, _size: usize, _stream: Stream) {}
+
+    /// Tells the driver layer that a block was returned to the allocator's own cache on
+    /// `stream` (not to the driver). A no-op on real hardware.
+    fn note_cached(&self, _device: Device, _ptr: DevicePtr, _size: usize, _stream: Stream) {}
+
+    /// Makes `dependent` wait for all work so far on `dependency` (event record, wait,
+    /// destroy: the seed's `sync_raw`). The event is made on the dependency's device.
+    fn sync_streams(&self, dependency: UsageStream, dependent: UsageStream) -> DriverResult<()> {
+        let event = self.record_event(dependency)?;
+        let waited = self.stream_wait_event(dependent, event);
+        let destroyed = self.destroy_event(dependency.device, event);
+        waited.and(destroyed)
+    }
+}

@@ -1,0 +1,14 @@
+#![doc = include_str!("../README.md")]
+#![warn(missing_docs)]
+
+pub mod api;
+pub mod driver;
+pub mod error;
+pub mod types;
+
+pub use api::{BlockSnapshot, DeviceStats, StreamOrderedAllocator};
+pub use driver::{Driver, DriverResult};
+pub use error::{DriverError, Error, OutOfMemory, Result};
+pub use types::{
+    CaptureStatus, Device, DevicePtr, Event, MemInfo, PoolAttribute, Stream, UsageStream,
+};
