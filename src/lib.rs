@@ -12,3 +12,13 @@ pub use error::{DriverError, Error, OutOfMemory, Result};
 pub use types::{
     CaptureStatus, Device, DevicePtr, Event, MemInfo, PoolAttribute, Stream, UsageStream,
 };
+
+mod budget;
+pub mod core;
+mod epoch;
+mod freed;
+mod sync;
+mod warn;
+
+pub use crate::core::{Block, PtrHasher, StreamAlloc};
+pub use warn::WarningCounts;

@@ -1,0 +1,188 @@
+//! Capture state as an epoch, with a grace period (S14, S15).
+//!
+//! ```text
+//!   epoch word (one AtomicU64):   0 ──begin──▶ 1 ──end──▶ 2 ──begin──▶ 3 ...
+//!                                 even = no capture, odd = capture underway
+//!   readers: two sets of striped counters, picked by the parity of the epoch they saw
+//! ```
+//!
+//! Every allocator operation that may call the driver (malloc, free, the deferred-free
+//! flush) runs inside a *read section*: it announces itself on a counter of the set that
+//! matches the epoch it read, re-reads the epoch, and only then decides (capture or no
+//! capture) and acts. A capture transition (the rare writer) publishes the next epoch and
+//! then waits until the counters of the old parity drain: the *grace period*. So when
+//! `begin_capture` returns, every operation that decided "no capture" has finished its
+//! driver calls: none can issue an uncaptured free inside the capture. When
+//! `end_capture`'s grace period ends, every free that decided "capture" has remembered
+//! its free stream, so the join that follows sees them all.
+//!
+//! Orderings: the reader's announce (`fetch_add`) and re-read are `SeqCst`, and so are
+//! the writer's publish and its reads of the counters: a store-load (Dekker) pattern that
+//! needs a single total order. Either the writer's counter read sees the announce (and
+//! waits for the section to end), or the reader's re-read sees the new epoch (and the
+//! reader retries under it). The section's end is a `Release` decrement that pairs with
+//! the writer's `SeqCst` (hence acquire) counter reads: the section's effects (a
+//! remembered free stream) are visible to the writer once it sees the counter drop.
+//!
+//! The detailed capture state (the set of free streams) sits behind an `ArcSwapOption`
+//! that the writer stores before publishing an odd epoch: a reader that saw the odd
+//! epoch (an acquire by `SeqCst`) sees the capture.
+
+use crate::sync::{lock, spin_wait, AtomicU64, AtomicUsize, Mutex, Ordering};
+use crossbeam::utils::CachePadded;
+
+/// Counters per parity. A power of two; threads are spread over them round-robin so a
+/// section's announce touches a line few other threads write.
+const STRIPES: usize = 32;
+
+/// The epoch word and the readers of each parity.
+pub(crate) struct EpochGate {
+    word: CachePadded<AtomicU64>,
+    readers: [Box<[CachePadded<AtomicUsize>]>; 2],
+    /// Serializes writers (capture begin/end); never taken on the hot path.
+    writer: Mutex<()>,
+}
+
+/// A read section: while it lives, a writer that published a later epoch waits.
+pub(crate) struct Section<'a> {
+    counter: &'a AtomicUsize,
+    epoch: u64,
+}
+
+impl Section<'_> {
+    /// Whether a capture was underway when the section began.
+    #[inline]
+    pub(crate) fn capturing(&self) -> bool {
+        self.epoch & 1 == 1
+    }
+}
+
+impl Drop for Section<'_> {
+    #[inline]
+    fn drop(&mut self) {
+        // Release: pairs with the writer's SeqCst load in `wait_readers`.
+        self.counter.fetch_sub(1, Ordering::Release);
+    }
+}
+
+fn stripe() -> usize {
+    #[cfg(not(streamalloc_loom))]
+    {
+        use std::cell::Cell;
+        use std::sync::atomic::AtomicUsize as StdAtomic;
+        static NEXT: StdAtomic = StdAtomic::new(0);
+        thread_local!(static MINE: Cell<usize> = const { Cell::new(usize::MAX) });
+        MINE.with(|m| {
+            let mut s = m.get();
+            if s == usize::MAX {
+                s = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % STRIPES;
+                m.set(s);
+            }
+            s
+        })
+    }
+    #[cfg(streamalloc_loom)]
+    {
+        // Under loom every thread shares stripe 0: the worst case for the protocol.
+        0
+    }
+}
+
+impl EpochGate {
+    /// Epoch 0: no capture.
+    pub(crate) fn new() -> Self {
+        let set = || (0..STRIPES).map(|_| CachePadded::new(AtomicUsize::new(0))).collect();
+        EpochGate {
+            word: CachePadded::new(AtomicU64::new(0)),
+            readers: [set(), set()],
+            writer: Mutex::new(()),
+        }
+    }
+
+    /// Whether a capture is underway now (a plain read, outside any section).
+    pub(crate) fn capturing(&self) -> bool {
+        self.word.load(Ordering::SeqCst) & 1 == 1
+    }
+
+    /// Begins a read section.
+    #[inline]
+    pub(crate) fn enter(&self) -> Section<'_> {
+        let s = stripe();
+        loop {
+            let epoch = self.word.load(Ordering::SeqCst);
+            let counter = &*self.readers[(epoch & 1) as usize][s];
+            counter.fetch_add(1, Ordering::SeqCst);
+            // Re-read: if a writer published meanwhile it may already have checked our
+            // counter; retry under the new epoch.
+            if self.word.load(Ordering::SeqCst) == epoch {
+                return Section { counter, epoch };
+            }
+            counter.fetch_sub(1, Ordering::Release);
+        }
+    }
+
+    /// Runs `transition` as the single writer: it is given whether a capture is
+    /// underway and returns `Ok(true)` to flip the state (publish the next epoch, then
+    /// wait out the readers of the old one) or `Ok(false)`/`Err` to leave it as it is.
+    /// `before_publish` runs under the writer lock before the flip (to install state the
+    /// new epoch's readers need); `after_grace` runs once the old readers are gone.
+    pub(crate) fn transition<T, E>(
+        &self,
+        check: impl FnOnce(bool) -> Result<(), E>,
+        before_publish: impl FnOnce(),
+        after_grace: impl FnOnce() -> T,
+    ) -> Result<T, E> {
+        let _w = lock(&self.writer);
+        let old = self.word.load(Ordering::SeqCst);
+        check(old & 1 == 1)?;
+        before_publish();
+        self.word.store(old + 1, Ordering::SeqCst);
+        self.wait_readers((old & 1) as usize);
+        Ok(after_grace())
+    }
+
+    fn wait_readers(&self, parity: usize) {
+        for counter in self.readers[parity].iter() {
+            // SeqCst: the load side of the store-load pattern described above.
+            while counter.load(Ordering::SeqCst) != 0 {
+                spin_wait();
+            }
+        }
+    }
+}
+
+#[cfg(all(test, not(streamalloc_loom)))]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicBool;
+
+    #[test]
+    fn parity_tracks_capture() {
+        let g = EpochGate::new();
+        assert!(!g.enter().capturing());
+        g.transition(|c| if c { Err(()) } else { Ok(()) }, || {}, || {}).unwrap();
+        assert!(g.capturing());
+        assert!(g.enter().capturing());
+        assert!(g.transition(|c| if c { Err(()) } else { Ok(()) }, || {}, || {}).is_err());
+        g.transition(|c| if c { Ok(()) } else { Err(()) }, || {}, || {}).unwrap();
+        assert!(!g.capturing());
+    }
+
+    #[test]
+    fn writer_waits_for_open_section() {
+        let g = EpochGate::new();
+        let done = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            let section = g.enter();
+            let h = s.spawn(|| {
+                g.transition(|_| Ok::<(), ()>(()), || {}, || done.load(Ordering::SeqCst))
+            });
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            // The writer cannot have finished: our section (old epoch) is open.
+            assert!(!h.is_finished());
+            done.store(true, Ordering::SeqCst);
+            drop(section);
+            assert_eq!(h.join().unwrap(), Ok(true));
+        });
+    }
+}

@@ -1,0 +1,50 @@
+//! A lossy table of recently freed addresses, to tell a double free from a pointer that
+//! was never allocated.
+//!
+//! Freed addresses cannot all be remembered (a driver may hand out fresh addresses for
+//! ever), so each address hashes to one slot of a fixed table; a later free overwrites
+//! the slot. A second free of `p` is reported as a double free while `p` still sits in
+//! its slot, else as an unknown pointer: an error either way, never a false "double
+//! free" (an allocation that returns `p` clears its slot).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+const SLOTS: usize = 4096;
+
+/// Recently freed addresses (see the module docs).
+pub(crate) struct FreedTable {
+    slots: Box<[AtomicU64]>,
+}
+
+#[inline]
+fn slot_of(addr: u64) -> usize {
+    // Addresses are at least 256-byte aligned: mix the high bits down.
+    let h = (addr >> 8).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    (h >> 52) as usize & (SLOTS - 1)
+}
+
+impl FreedTable {
+    pub(crate) fn new() -> Self {
+        FreedTable { slots: (0..SLOTS).map(|_| AtomicU64::new(0)).collect() }
+    }
+
+    /// Remembers that `addr` was freed. Relaxed: a hint for error messages only.
+    #[inline]
+    pub(crate) fn freed(&self, addr: u64) {
+        self.slots[slot_of(addr)].store(addr, Ordering::Relaxed);
+    }
+
+    /// `addr` was handed out again: forget its free.
+    #[inline]
+    pub(crate) fn reused(&self, addr: u64) {
+        let slot = &self.slots[slot_of(addr)];
+        if slot.load(Ordering::Relaxed) == addr {
+            let _ = slot.compare_exchange(addr, 0, Ordering::Relaxed, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether `addr` was freed and not handed out since (as far as the table knows).
+    pub(crate) fn was_freed(&self, addr: u64) -> bool {
+        addr != 0 && self.slots[slot_of(addr)].load(Ordering::Relaxed) == addr
+    }
+}
