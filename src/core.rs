@@ -166,10 +166,9 @@ impl<D: Driver> StreamAlloc<D> {
     }
 
     fn shard(&self, device: Device) -> Result<&Shard> {
-        self.shards.get(device).ok_or(Error::InvalidDevice {
-            device: device as i64,
-            device_count: self.shards.len(),
-        })
+        self.shards
+            .get(device)
+            .ok_or(Error::InvalidDevice { device: device as i64, device_count: self.shards.len() })
     }
 
     /// S2: the device's first use configures its pool and makes its unifying stream.
@@ -533,7 +532,13 @@ impl<D: Driver> StreamOrderedAllocator for StreamAlloc<D> {
         Ok(())
     }
 
-    fn copy_data(&self, device: Device, dst: DevicePtr, src: DevicePtr, count: usize) -> Result<()> {
+    fn copy_data(
+        &self,
+        device: Device,
+        dst: DevicePtr,
+        src: DevicePtr,
+        count: usize,
+    ) -> Result<()> {
         self.driver.memcpy(device, dst, src, count)?;
         Ok(())
     }

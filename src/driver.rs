@@ -126,3 +126,108 @@ pub trait Driver: Send + Sync + 'static {
         waited.and(destroyed)
     }
 }
+
+/// A shared driver is a driver: tests keep a handle on the simulated device while the
+/// allocator owns another, and `Arc<dyn Driver>` picks a backend at run time.
+impl<T: Driver + ?Sized> Driver for std::sync::Arc<T> {
+    fn name(&self) -> &'static str {
+        (**self).name()
+    }
+    fn device_count(&self) -> DriverResult<usize> {
+        (**self).device_count()
+    }
+    fn init_device(&self, device: Device) -> DriverResult<()> {
+        (**self).init_device(device)
+    }
+    fn create_stream(&self, device: Device) -> DriverResult<Stream> {
+        (**self).create_stream(device)
+    }
+    #[inline]
+    fn check_last_error(&self, device: Device) -> DriverResult<()> {
+        (**self).check_last_error(device)
+    }
+    #[inline]
+    fn malloc_async(&self, device: Device, size: usize, stream: Stream) -> DriverResult<DevicePtr> {
+        (**self).malloc_async(device, size, stream)
+    }
+    #[inline]
+    fn free_async(
+        &self,
+        device: Device,
+        ptr: DevicePtr,
+        size: usize,
+        stream: Stream,
+    ) -> DriverResult<()> {
+        (**self).free_async(device, ptr, size, stream)
+    }
+    fn mem_get_info(&self, device: Device) -> DriverResult<MemInfo> {
+        (**self).mem_get_info(device)
+    }
+    fn pool_attribute(&self, device: Device, attr: PoolAttribute) -> DriverResult<u64> {
+        (**self).pool_attribute(device, attr)
+    }
+    fn set_pool_attribute(
+        &self,
+        device: Device,
+        attr: PoolAttribute,
+        value: u64,
+    ) -> DriverResult<()> {
+        (**self).set_pool_attribute(device, attr, value)
+    }
+    fn pool_trim_to(&self, device: Device, keep: u64) -> DriverResult<()> {
+        (**self).pool_trim_to(device, keep)
+    }
+    fn device_synchronize(&self, device: Device) -> DriverResult<()> {
+        (**self).device_synchronize(device)
+    }
+    fn record_event(&self, stream: UsageStream) -> DriverResult<Event> {
+        (**self).record_event(stream)
+    }
+    fn stream_wait_event(&self, stream: UsageStream, event: Event) -> DriverResult<()> {
+        (**self).stream_wait_event(stream, event)
+    }
+    fn event_query(&self, device: Device, event: Event) -> DriverResult<bool> {
+        (**self).event_query(device, event)
+    }
+    fn destroy_event(&self, device: Device, event: Event) -> DriverResult<()> {
+        (**self).destroy_event(device, event)
+    }
+    fn capture_status(&self, stream: UsageStream) -> DriverResult<CaptureStatus> {
+        (**self).capture_status(stream)
+    }
+    fn pool_set_access(&self, owner: Device, accessor: Device) -> DriverResult<()> {
+        (**self).pool_set_access(owner, accessor)
+    }
+    fn memcpy_async(
+        &self,
+        dst: DevicePtr,
+        dst_device: Device,
+        src: DevicePtr,
+        src_device: Device,
+        count: usize,
+        stream: UsageStream,
+        peer: bool,
+    ) -> DriverResult<()> {
+        (**self).memcpy_async(dst, dst_device, src, src_device, count, stream, peer)
+    }
+    fn memcpy(
+        &self,
+        device: Device,
+        dst: DevicePtr,
+        src: DevicePtr,
+        count: usize,
+    ) -> DriverResult<()> {
+        (**self).memcpy(device, dst, src, count)
+    }
+    #[inline]
+    fn note_reuse(&self, device: Device, ptr: DevicePtr, size: usize, stream: Stream) {
+        (**self).note_reuse(device, ptr, size, stream)
+    }
+    #[inline]
+    fn note_cached(&self, device: Device, ptr: DevicePtr, size: usize, stream: Stream) {
+        (**self).note_cached(device, ptr, size, stream)
+    }
+    fn sync_streams(&self, dependency: UsageStream, dependent: UsageStream) -> DriverResult<()> {
+        (**self).sync_streams(dependency, dependent)
+    }
+}

@@ -28,7 +28,7 @@
 //! that the writer stores before publishing an odd epoch: a reader that saw the odd
 //! epoch (an acquire by `SeqCst`) sees the capture.
 
-use crate::sync::{lock, spin_wait, AtomicU64, AtomicUsize, Mutex, Ordering};
+use crate::sync::{AtomicU64, AtomicUsize, Mutex, Ordering, lock, spin_wait};
 use crossbeam::utils::CachePadded;
 
 /// Counters per parity. A power of two; threads are spread over them round-robin so a

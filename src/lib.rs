@@ -17,8 +17,10 @@ mod budget;
 pub mod core;
 mod epoch;
 mod freed;
+pub mod replica;
 mod sync;
 mod warn;
 
 pub use crate::core::{Block, PtrHasher, StreamAlloc};
+pub use replica::SeedReplica;
 pub use warn::WarningCounts;

@@ -75,9 +75,8 @@ impl Warnings {
     }
 
     pub(crate) fn reset_accumulated_stats(&self) {
-        self.reset_accumulated.fire(|| {
-            log::warn!("For streamalloc, reset_accumulated_stats has no effect.")
-        });
+        self.reset_accumulated
+            .fire(|| log::warn!("For streamalloc, reset_accumulated_stats has no effect."));
     }
 
     pub(crate) fn counts(&self) -> WarningCounts {
