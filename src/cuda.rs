@@ -47,6 +47,53 @@ use std::time::Duration;
 /// see [`CudaDriver::with_event_cache`].
 pub const DEFAULT_EVENT_CACHE: usize = 256;
 
+/// Every driver entry point this module calls: checked by [`CudaDriver::new`], because
+/// cudarc resolves each symbol on its first call and panics if it is missing.
+const REQUIRED_SYMBOLS: &[&str] = &[
+    "cuInit",
+    "cuDeviceGetCount",
+    "cuDeviceGet",
+    "cuDriverGetVersion",
+    "cuDeviceGetName",
+    "cuGetErrorName",
+    "cuDevicePrimaryCtxRetain",
+    "cuDevicePrimaryCtxRelease_v2",
+    "cuCtxGetCurrent",
+    "cuCtxSetCurrent",
+    "cuCtxGetDevice",
+    "cuCtxSynchronize",
+    "cuDeviceGetDefaultMemPool",
+    "cuMemPoolSetAttribute",
+    "cuMemPoolGetAttribute",
+    "cuMemPoolTrimTo",
+    "cuMemPoolSetAccess",
+    "cuMemGetInfo_v2",
+    "cuMemAllocAsync",
+    "cuMemFreeAsync",
+    "cuMemsetD8Async",
+    "cuMemcpy",
+    "cuMemcpyAsync",
+    "cuMemcpyPeerAsync",
+    "cuMemcpyDtoHAsync_v2",
+    "cuMemcpyHtoDAsync_v2",
+    "cuStreamCreate",
+    "cuStreamDestroy_v2",
+    "cuStreamSynchronize",
+    "cuStreamWaitEvent",
+    "cuStreamIsCapturing",
+    "cuStreamBeginCapture_v2",
+    "cuStreamEndCapture",
+    "cuGraphInstantiateWithFlags",
+    "cuGraphLaunch",
+    "cuGraphExecDestroy",
+    "cuGraphDestroy",
+    "cuLaunchHostFunc",
+    "cuEventCreate",
+    "cuEventRecord",
+    "cuEventQuery",
+    "cuEventDestroy_v2",
+];
+
 /// How [`CudaDriver`] makes a device's primary context current before a raw call.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Default)]
 pub enum ContextPolicy {
@@ -272,6 +319,20 @@ impl CudaDriver {
                 "CUDA_ERROR_NOT_FOUND: the CUDA driver library (libcuda) was not found",
             ));
         }
+        // cudarc panics on a missing symbol at its first call: check them all up front so
+        // an old driver is an error, not a panic.
+        for name in REQUIRED_SYMBOLS {
+            // Safety: the library is present (checked above), so `culib` loads it without
+            // panicking; the symbol is only looked up, never called through this type.
+            let found = unsafe { sys::culib().get::<*const c_void>(name.as_bytes()).is_ok() };
+            if !found {
+                return Err(DriverError::new(
+                    "load libcuda",
+                    CUDA_ERROR_NOT_FOUND,
+                    format!("CUDA_ERROR_NOT_FOUND: libcuda lacks {name} (driver too old)"),
+                ));
+            }
+        }
         // Safety: the library is present, so cudarc's lazy load succeeds; cuInit(0) is
         // the documented first call and may be repeated.
         check("cuInit", unsafe { sys::cuInit(0) })?;
@@ -399,11 +460,13 @@ impl CudaDriver {
         match self.policy {
             ContextPolicy::Cached => {
                 let generation = CONTEXT_GENERATION.load(Ordering::Relaxed);
-                if BOUND.get() != (generation, ctx) {
+                // `try_with`: during thread-local destruction (a tensor freed by a
+                // thread-exit destructor) the record is gone; then always bind.
+                if BOUND.try_with(Cell::get).unwrap_or((0, 0)) != (generation, ctx) {
                     // Safety: `ctx` is a primary context we retained and have not
                     // released (released only in Drop, which needs `&mut self`).
                     check("cuCtxSetCurrent", unsafe { sys::cuCtxSetCurrent(ctx as CUcontext) })?;
-                    BOUND.set((generation, ctx));
+                    let _ = BOUND.try_with(|b| b.set((generation, ctx)));
                 }
                 Ok(ContextGuard { restore: 0 })
             }
@@ -645,7 +708,7 @@ impl Drop for CudaDriver {
                 log::warn!("releasing the primary context of device {device} failed: {r:?}");
             }
         }
-        BOUND.set((0, 0));
+        let _ = BOUND.try_with(|b| b.set((0, 0)));
     }
 }
 
@@ -888,6 +951,8 @@ impl Driver for CudaDriver {
         Ok(capture_status_from_raw(status))
     }
 
+    /// A no-op when `owner == accessor`: a pool's own device always has read-write
+    /// access, and the driver may reject a descriptor that names it.
     fn pool_set_access(&self, owner: Device, accessor: Device) -> DriverResult<()> {
         let accessor_id = i32::try_from(accessor).map_err(|_| {
             DriverError::new(
@@ -897,6 +962,10 @@ impl Driver for CudaDriver {
             )
         })?;
         self.slot(accessor, "cuMemPoolSetAccess")?;
+        if owner == accessor {
+            self.slot(owner, "cuMemPoolSetAccess")?;
+            return Ok(());
+        }
         let _g = self.bind(owner)?;
         let pool = self.pool(owner)?;
         let desc = sys::CUmemAccessDesc {
