@@ -2,6 +2,7 @@
 #![warn(missing_docs)]
 
 pub mod api;
+pub mod cuda;
 pub mod driver;
 pub mod error;
 pub mod types;
