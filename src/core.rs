@@ -174,7 +174,7 @@ impl<D: Driver> StreamAlloc<D> {
     /// S2: the device's first use configures its pool and makes its unifying stream.
     fn lazy_init<'a>(&self, shard: &'a Shard) -> Result<&'a Shard> {
         if shard.unifying.get().is_none() {
-            let _g = crate::sync::lock(&shard.init);
+            let _g = shard.init.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
             if shard.unifying.get().is_none() {
                 self.driver.init_device(shard.device)?;
                 let stream = self.driver.create_stream(shard.device)?;

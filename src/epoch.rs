@@ -31,9 +31,10 @@
 use crate::sync::{AtomicU64, AtomicUsize, Mutex, Ordering, lock, spin_wait};
 use crossbeam::utils::CachePadded;
 
-/// Counters per parity. A power of two; threads are spread over them round-robin so a
-/// section's announce touches a line few other threads write.
-const STRIPES: usize = 32;
+/// Counters per parity; threads are spread over them round-robin so a section's announce
+/// touches a line few other threads write. Under loom, two: enough to show two readers
+/// on different counters, small enough to explore.
+const STRIPES: usize = if cfg!(streamalloc_loom) { 2 } else { 32 };
 
 /// The epoch word and the readers of each parity.
 pub(crate) struct EpochGate {
@@ -83,8 +84,9 @@ fn stripe() -> usize {
     }
     #[cfg(streamalloc_loom)]
     {
-        // Under loom every thread shares stripe 0: the worst case for the protocol.
-        0
+        // Under loom: by loom's thread id, so readers may or may not share a counter.
+        let id = format!("{:?}", loom::thread::current().id());
+        id.bytes().map(usize::from).sum::<usize>() % STRIPES
     }
 }
 
@@ -121,11 +123,11 @@ impl EpochGate {
         }
     }
 
-    /// Runs `transition` as the single writer: it is given whether a capture is
-    /// underway and returns `Ok(true)` to flip the state (publish the next epoch, then
-    /// wait out the readers of the old one) or `Ok(false)`/`Err` to leave it as it is.
-    /// `before_publish` runs under the writer lock before the flip (to install state the
-    /// new epoch's readers need); `after_grace` runs once the old readers are gone.
+    /// Flips the capture state as the single writer. `check` is given whether a capture
+    /// is underway and refuses the flip with `Err`. `before_publish` runs under the writer
+    /// lock before the flip (to install state the new epoch's readers need);
+    /// `after_grace` runs once every section of the old epoch has ended, and its value is
+    /// returned.
     pub(crate) fn transition<T, E>(
         &self,
         check: impl FnOnce(bool) -> Result<(), E>,

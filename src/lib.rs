@@ -21,6 +21,8 @@ mod freed;
 pub mod replica;
 mod sync;
 mod warn;
+#[cfg(all(test, streamalloc_loom))]
+mod tests;
 
 pub use crate::core::{Block, PtrHasher, StreamAlloc};
 pub use replica::SeedReplica;

@@ -75,7 +75,7 @@ impl<D: Driver> SeedReplica<D> {
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
-        crate::sync::lock(&self.general_mutex)
+        self.general_mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn assert_valid_device(&self, device: Device) -> Result<()> {

@@ -1,0 +1,5 @@
+//! Model checks of the protocol pieces under loom (`--cfg streamalloc_loom`):
+//! `RUSTFLAGS="--cfg streamalloc_loom" LOOM_MAX_PREEMPTIONS=2 cargo test --release --lib loom_`
+
+mod loom_budget;
+mod loom_epoch;
