@@ -4,6 +4,7 @@
 pub mod api;
 pub mod driver;
 pub mod error;
+pub mod sim;
 pub mod types;
 
 pub use api::{BlockSnapshot, DeviceStats, StreamOrderedAllocator};
