@@ -83,6 +83,9 @@
 //! from now or on every call, with no side effects; `check_last_error` can be given a
 //! sticky error to report once. Every call is counted ([`SimDriver::call_count`]).
 //!
+//! `free_async`'s size argument is not checked (`cuMemFreeAsync` has none); the pool
+//! knows each block's size.
+//!
 //! No method panics on bad input (bad device: `CUDA_ERROR_INVALID_DEVICE`; unknown
 //! stream or event: `CUDA_ERROR_INVALID_HANDLE`), except [`SimDriver::assert_clean`],
 //! whose purpose is to panic.

@@ -330,7 +330,16 @@ impl State {
     }
 
     /// Declares a use of the memory at `ptr` by operation `t` of stream `sid`.
-    fn use_block(&mut self, sid: Sid, t: u64, ptr: DevicePtr, count: u64, what: &str) {
+    /// `peer_copy`: a peer copy may touch another device's memory without pool access.
+    fn use_block(
+        &mut self,
+        sid: Sid,
+        t: u64,
+        ptr: DevicePtr,
+        count: u64,
+        what: &str,
+        peer_copy: bool,
+    ) {
         if ptr.is_null() {
             return;
         }
@@ -340,7 +349,7 @@ impl State {
             return;
         };
         let dev = self.streams[sid].device;
-        if d != dev && !self.peer.contains(&(d, dev)) {
+        if d != dev && !peer_copy && !self.peer.contains(&(d, dev)) {
             let msg = format!(
                 "{what} on {} uses {ptr} of device {d} without pool access for device {dev}",
                 self.describe(sid)
@@ -350,7 +359,7 @@ impl State {
         let block = self.devices[d].pool.live.get_mut(&base).expect("found above");
         block.uses.raise(sid, t);
         let cached = block.cached.is_some();
-        let overrun = ptr.as_raw() - base + count > block.size;
+        let overrun = (ptr.as_raw() - base).saturating_add(count) > block.size;
         let size = block.size;
         if cached {
             let msg = format!(
@@ -759,15 +768,8 @@ impl State {
         let count = count as u64;
         self.check_block_device(dst, dst_device, "copy destination");
         self.check_block_device(src, src_device, "copy source");
-        // A peer copy may touch memory of another device without pool access.
-        let saved = self.peer.clone();
-        if peer {
-            self.peer.insert((dst_device, us.device));
-            self.peer.insert((src_device, us.device));
-        }
-        self.use_block(sid, t, dst, count, "memcpy_async");
-        self.use_block(sid, t, src, count, "memcpy_async");
-        self.peer = saved;
+        self.use_block(sid, t, dst, count, "memcpy_async", peer);
+        self.use_block(sid, t, src, count, "memcpy_async", peer);
         self.last_copy = Some(kind);
         Ok(())
     }
@@ -791,8 +793,8 @@ impl State {
         self.enter(op, Some(d))?;
         let sid = self.stream(op, UsageStream::new(Stream::NULL, d))?;
         let t = self.tick(sid);
-        self.use_block(sid, t, dst, count as u64, "memcpy");
-        self.use_block(sid, t, src, count as u64, "memcpy");
+        self.use_block(sid, t, dst, count as u64, "memcpy", false);
+        self.use_block(sid, t, src, count as u64, "memcpy", false);
         // Synchronous: the host returns once the copy is done.
         self.complete(sid);
         Ok(())
@@ -873,7 +875,7 @@ impl State {
         let sid = self.stream_named("sim.launch", us)?;
         let t = self.tick(sid);
         for &p in ptrs {
-            self.use_block(sid, t, p, 0, "kernel");
+            self.use_block(sid, t, p, 0, "kernel", false);
         }
         Ok(())
     }

@@ -667,6 +667,8 @@ fn peer_access_and_copy_kinds() {
     // Overrun.
     s.memcpy_async(q0, 0, p0, 0, 5000, a0, false).unwrap();
     assert!(has(&s.take_reports(), "overruns"));
+    s.memcpy(0, q0, p0, usize::MAX).unwrap();
+    assert!(has(&s.take_reports(), "overruns"));
 }
 
 #[test]
