@@ -116,6 +116,9 @@ pub trait StreamOrderedAllocator: Send + Sync {
     fn copy_data(&self, device: Device, dst: DevicePtr, src: DevicePtr, count: usize)
     -> Result<()>;
 
+    /// How many times each of the seed's warnings was emitted.
+    fn warnings(&self) -> crate::WarningCounts;
+
     /// Whether a capture is underway (S14).
     fn capture_underway(&self) -> bool;
 

@@ -1,7 +1,7 @@
 //! The driver boundary: the narrow set of stream-ordered device operations that the
 //! allocator needs. Implemented by the CUDA driver ([`crate::cuda`]), the simulated
 //! device ([`crate::sim`]) and a null driver for measuring bookkeeping alone
-//! ([`crate::null`]).
+//! ([`crate::sim::NullDriver`]).
 //!
 //! Every method takes the device explicitly: the real backend binds that device's
 //! primary context on the calling thread first, so the null stream and pool calls mean

@@ -21,9 +21,9 @@ mod epoch;
 mod freed;
 pub mod replica;
 mod sync;
-mod warn;
 #[cfg(all(test, streamalloc_loom))]
 mod tests;
+mod warn;
 
 pub use crate::core::{Block, PtrHasher, StreamAlloc};
 pub use replica::SeedReplica;

@@ -69,11 +69,6 @@ impl<D: Driver> SeedReplica<D> {
         &self.driver
     }
 
-    /// How many times each warning was emitted.
-    pub fn warnings(&self) -> WarningCounts {
-        self.warnings.counts()
-    }
-
     fn lock(&self) -> MutexGuard<'_, State> {
         self.general_mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
@@ -421,6 +416,10 @@ impl<D: Driver> StreamOrderedAllocator for SeedReplica<D> {
     ) -> Result<()> {
         self.driver.memcpy(device, dst, src, count)?;
         Ok(())
+    }
+
+    fn warnings(&self) -> WarningCounts {
+        self.warnings.counts()
     }
 
     fn capture_underway(&self) -> bool {

@@ -8,8 +8,8 @@
 mod common;
 
 use common::CAPACITY;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use streamalloc::sim::SimDriver;
 use streamalloc::{DevicePtr, Error, StreamAlloc, StreamOrderedAllocator, UsageStream};
@@ -28,6 +28,8 @@ fn run(min_ops: u64, min_time: Duration) {
     let devices = 2;
     let sim = Arc::new(SimDriver::with_devices(devices, CAPACITY));
     let alloc = StreamAlloc::new(sim.clone()).unwrap();
+    alloc.enable_peer_access(0, 1).unwrap();
+    alloc.enable_peer_access(1, 0).unwrap();
     let threads = 4 * std::thread::available_parallelism().map_or(2, |n| n.get());
     let ops = AtomicU64::new(0);
     let captures = AtomicU64::new(0);
@@ -37,11 +39,14 @@ fn run(min_ops: u64, min_time: Duration) {
         for t in 0..threads {
             let (alloc, sim, ops, stop, captures) = (&alloc, &sim, &ops, &stop, &captures);
             scope.spawn(move || {
-                let mut rng = Rng(0x9E37_79B9 ^ (t as u64 + 1) * 0x1234_5678_9abc);
+                let mut rng = Rng(0x9E37_79B9 ^ ((t as u64 + 1) * 0x1234_5678_9abc));
                 let dev = t % devices;
-                let mine = UsageStream::new(sim.new_stream(dev), dev);
-                let helper = UsageStream::new(sim.new_stream(dev), dev);
-                let peer = UsageStream::new(sim.new_stream((dev + 1) % devices), (dev + 1) % devices);
+                let mine = UsageStream::new(sim.new_stream(dev).unwrap(), dev);
+                let helper = UsageStream::new(sim.new_stream(dev).unwrap(), dev);
+                let peer = UsageStream::new(
+                    sim.new_stream((dev + 1) % devices).unwrap(),
+                    (dev + 1) % devices,
+                );
                 let mut live: Vec<DevicePtr> = Vec::new();
                 let mut n = 0u64;
                 while !stop.load(Ordering::Relaxed) {
@@ -51,7 +56,7 @@ fn run(min_ops: u64, min_time: Duration) {
                             let size = 512 << (rng.next() % 12);
                             match alloc.malloc(dev, size as usize, mine.stream) {
                                 Ok(p) => {
-                                    sim.launch(mine, &[p]);
+                                    sim.launch(mine, &[p]).unwrap();
                                     live.push(p);
                                 }
                                 Err(e) => assert!(e.is_oom(), "{e}"),
@@ -64,17 +69,15 @@ fn run(min_ops: u64, min_time: Duration) {
                         }
                         90..=94 if !live.is_empty() => {
                             let p = live[(rng.next() as usize) % live.len()];
-                            let other = if rng.next() % 2 == 0 { helper } else { peer };
-                            sim.launch(other, &[p]);
+                            let other = if rng.next().is_multiple_of(2) { helper } else { peer };
+                            sim.launch(other, &[p]).unwrap();
                             alloc.record_stream(p, other).unwrap();
                         }
-                        95 if t == 0 => {
-                            // The capturing thread: begin, let others run, end.
-                            if alloc.begin_capture(dev).is_ok() {
-                                captures.fetch_add(1, Ordering::Relaxed);
-                                std::thread::yield_now();
-                                alloc.end_capture(dev, mine.stream).unwrap();
-                            }
+                        // The capturing thread: begin, let others run, end.
+                        95 if t == 0 && alloc.begin_capture(dev).is_ok() => {
+                            captures.fetch_add(1, Ordering::Relaxed);
+                            std::thread::yield_now();
+                            alloc.end_capture(dev, mine.stream).unwrap();
                         }
                         96 if t == 1 => {
                             let f = [0.3, 0.6, 1.0][(rng.next() % 3) as usize];
@@ -82,7 +85,8 @@ fn run(min_ops: u64, min_time: Duration) {
                         }
                         97 => {
                             // Bad input mixed in: must be a typed error, books intact.
-                            let bogus = DevicePtr::from_raw(0xdead_beef_000 + (rng.next() % 64) * 512);
+                            let bogus =
+                                DevicePtr::from_raw(0x0dea_dbee_f000 + (rng.next() % 64) * 512);
                             assert!(matches!(
                                 alloc.free(bogus),
                                 Err(Error::UnknownPointer { .. } | Error::DoubleFree { .. })
@@ -116,7 +120,12 @@ fn run(min_ops: u64, min_time: Duration) {
         assert_eq!(sim.live_blocks(d), 0);
     }
     let reports = sim.reports();
-    assert!(reports.is_empty(), "{} checker reports, first: {:?}", reports.len(), reports.first());
+    assert!(
+        reports.is_empty(),
+        "{} checker reports: {:#?}",
+        reports.len(),
+        &reports[..reports.len().min(5)]
+    );
 }
 
 #[test]

@@ -426,6 +426,32 @@ impl SimDriver {
         self.lock().peer_access(owner, accessor)
     }
 
+    /// The stream of the last successful `malloc_async`.
+    pub fn last_malloc_stream(&self) -> Option<UsageStream> {
+        self.lock().last_malloc_stream()
+    }
+
+    /// The stream of the last successful `free_async` (S5: which stream a free used).
+    pub fn last_free_stream(&self) -> Option<UsageStream> {
+        self.lock().last_free_stream()
+    }
+
+    /// Driver calls so far, of every kind.
+    pub fn total_calls(&self) -> u64 {
+        self.lock().total_calls()
+    }
+
+    /// Reads a pool attribute as a test would, without a driver call or a context.
+    pub fn pool_attribute_raw(&self, device: Device, attr: PoolAttribute) -> u64 {
+        self.lock().pool_attribute_raw(device, attr)
+    }
+
+    /// Sets a pool's threshold or reuse flag as another library in the process might,
+    /// without counting a driver call.
+    pub fn set_pool_attribute_raw(&self, device: Device, attr: PoolAttribute, value: u64) {
+        self.lock().set_pool_attribute_raw(device, attr, value)
+    }
+
     /// The kind of the last successful `memcpy_async` (S19).
     pub fn last_copy_kind(&self) -> Option<CopyKind> {
         self.lock().last_copy_kind()

@@ -131,6 +131,8 @@ pub(crate) struct State {
     reports: Vec<String>,
     peer: HashSet<(Device, Device)>,
     last_copy: Option<CopyKind>,
+    last_malloc: Option<UsageStream>,
+    last_free: Option<UsageStream>,
 }
 
 impl State {
@@ -178,6 +180,8 @@ impl State {
             reports: Vec::new(),
             peer: HashSet::new(),
             last_copy: None,
+            last_malloc: None,
+            last_free: None,
         }
     }
 
@@ -542,6 +546,7 @@ impl State {
         );
         pool.used += rounded;
         pool.used_high = pool.used_high.max(pool.used);
+        self.last_malloc = Some(UsageStream::new(stream, d));
         Ok(DevicePtr::from_raw(addr))
     }
 
@@ -587,6 +592,7 @@ impl State {
         let pool = &mut self.devices[d].pool;
         pool.live.remove(&addr);
         pool.used -= rounded;
+        self.last_free = Some(UsageStream::new(stream, d));
         if captured.is_some() {
             // Graph memory goes back with the graph allocation.
             pool.reserved -= rounded;
@@ -1018,6 +1024,48 @@ impl State {
 
     pub(crate) fn peer_access(&self, owner: Device, accessor: Device) -> bool {
         self.peer.contains(&(owner, accessor))
+    }
+
+    pub(crate) fn last_malloc_stream(&self) -> Option<UsageStream> {
+        self.last_malloc
+    }
+
+    pub(crate) fn last_free_stream(&self) -> Option<UsageStream> {
+        self.last_free
+    }
+
+    pub(crate) fn total_calls(&self) -> u64 {
+        self.calls.values().sum()
+    }
+
+    /// Reads a pool attribute without counting a call or touching the context.
+    pub(crate) fn pool_attribute_raw(&self, d: Device, attr: PoolAttribute) -> u64 {
+        let Some(dev) = self.devices.get(d) else { return 0 };
+        let p = &dev.pool;
+        match attr {
+            PoolAttribute::ReleaseThreshold => p.release_threshold,
+            PoolAttribute::ReuseFollowEventDependencies => p.reuse_follow as u64,
+            PoolAttribute::ReuseAllowOpportunistic => p.reuse_opportunistic as u64,
+            PoolAttribute::ReuseAllowInternalDependencies => p.reuse_internal as u64,
+            PoolAttribute::ReservedMemCurrent => p.reserved,
+            PoolAttribute::ReservedMemHigh => p.reserved_high,
+            PoolAttribute::UsedMemCurrent => p.used,
+            PoolAttribute::UsedMemHigh => p.used_high,
+        }
+    }
+
+    /// Sets a pool's release threshold or reuse flag as another library in the process
+    /// might, without counting a call. Statistics are not settable this way.
+    pub(crate) fn set_pool_attribute_raw(&mut self, d: Device, attr: PoolAttribute, value: u64) {
+        let Some(dev) = self.devices.get_mut(d) else { return };
+        let p = &mut dev.pool;
+        match attr {
+            PoolAttribute::ReleaseThreshold => p.release_threshold = value,
+            PoolAttribute::ReuseFollowEventDependencies => p.reuse_follow = value != 0,
+            PoolAttribute::ReuseAllowOpportunistic => p.reuse_opportunistic = value != 0,
+            PoolAttribute::ReuseAllowInternalDependencies => p.reuse_internal = value != 0,
+            _ => {}
+        }
     }
 
     pub(crate) fn last_copy_kind(&self) -> Option<CopyKind> {

@@ -6,8 +6,8 @@
 //! decided "capture" has remembered its free stream, so the join sees it.
 
 use crate::epoch::EpochGate;
-use loom::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
 use loom::sync::Arc;
+use loom::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
 use loom::thread;
 
 #[test]
@@ -25,8 +25,7 @@ fn loom_begin_capture_waits_for_uncaptured_frees() {
                 }
             })
         };
-        gate.transition(|underway| if underway { Err(()) } else { Ok(()) }, || {}, || {})
-            .unwrap();
+        gate.transition(|underway| if underway { Err(()) } else { Ok(()) }, || {}, || {}).unwrap();
         capture_begun.store(true, SeqCst);
         reader.join().unwrap();
     });

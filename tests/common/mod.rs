@@ -18,14 +18,15 @@ pub struct Subject {
 
 impl Subject {
     pub fn stream(&self, device: usize) -> UsageStream {
-        UsageStream::new(self.sim.new_stream(device), device)
+        self.sim.new_usage_stream(device).unwrap()
     }
 
     /// The books: used bytes per device equal the sum of live blocks' sizes.
     pub fn assert_books(&self) {
         let snap = self.alloc.snapshot();
         for d in 0..self.alloc.device_count() {
-            let live: u64 = snap.iter().filter(|b| b.creation_stream.device == d).map(|b| b.size).sum();
+            let live: u64 =
+                snap.iter().filter(|b| b.creation_stream.device == d).map(|b| b.size).sum();
             assert_eq!(self.alloc.used_bytes(d), live, "{}: used bytes of device {d}", self.kind);
         }
     }
