@@ -23,6 +23,7 @@
 
 use crate::api::{BlockSnapshot, DeviceStats, StreamOrderedAllocator};
 use crate::budget::Budget;
+use crate::cache::{CREDIT_CHUNK, CacheConfig, PUBLISH_STEP, StreamCache, class_of};
 use crate::driver::Driver;
 use crate::epoch::{EpochGate, Section};
 use crate::error::{Error, OutOfMemory, Result};
@@ -33,7 +34,9 @@ use arc_swap::ArcSwapOption;
 use crossbeam::queue::SegQueue;
 use crossbeam::utils::CachePadded;
 use dashmap::{DashMap, DashSet};
+use std::cell::{Cell, RefCell};
 use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 /// Allocations of this size or more are refused outright (S3), as the seed does.
@@ -97,6 +100,9 @@ struct Shard {
     unifying: OnceLock<Stream>,
     /// Taken only by the first use of the device.
     init: Mutex<()>,
+    /// Bytes held by this device's stream caches, as they last published them (within
+    /// `PUBLISH_STEP` per stream cache of the truth).
+    cached: AtomicU64,
 }
 
 /// State of the capture underway (installed before the odd epoch is published).
@@ -120,7 +126,30 @@ pub struct StreamAlloc<D: Driver> {
     deferred: SegQueue<u64>,
     freed: FreedTable,
     warnings: Warnings,
+    /// The front cache's settings and its per-(device, stream) caches.
+    cache: CacheConfig,
+    caches: DashMap<(Device, Stream), Arc<StreamCache>>,
+    /// Tells this allocator's entries apart in the per-thread stream-cache memo.
+    id: u64,
 }
+
+/// What a cache lookup found.
+enum Take {
+    Hit(u64),
+    /// Nothing cached in this class: go to the driver.
+    Miss,
+    /// A block was there but the budget refused its bytes: take the exact path.
+    NoCredit,
+}
+
+/// A memo entry: (allocator id, device, stream, that stream's cache).
+type MemoEntry = (u64, Device, Stream, Arc<StreamCache>);
+
+thread_local! {
+    /// The stream caches this thread used last.
+    static MEMO: RefCell<Vec<MemoEntry>> = const { RefCell::new(Vec::new()) };
+}
+const MEMO_ENTRIES: usize = 4;
 
 impl<D: Driver> StreamAlloc<D> {
     /// S1: an allocator for every device the driver reports. Creates no context.
@@ -129,26 +158,49 @@ impl<D: Driver> StreamAlloc<D> {
         Ok(Self::with_device_count(driver, n))
     }
 
-    /// S1: an allocator for `device_count` devices. Creates no context.
+    /// S1: an allocator for `device_count` devices with the default front cache.
     pub fn with_device_count(driver: D, device_count: usize) -> Self {
+        Self::with_config(driver, device_count, CacheConfig::default())
+    }
+
+    /// An allocator for every device the driver reports, with the given cache settings
+    /// (`CacheConfig::passthrough()` for the seed's behaviour: every call reaches the
+    /// driver).
+    pub fn with_cache(driver: D, cache: CacheConfig) -> Result<Self> {
+        let n = driver.device_count()?;
+        Ok(Self::with_config(driver, n, cache))
+    }
+
+    /// An allocator for `device_count` devices with the given cache settings.
+    pub fn with_config(driver: D, device_count: usize, cache: CacheConfig) -> Self {
+        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
         let shards = (0..device_count)
             .map(|device| Shard {
                 device,
                 budget: CachePadded::new(Budget::new()),
                 unifying: OnceLock::new(),
                 init: Mutex::new(()),
+                cached: AtomicU64::new(0),
             })
             .collect();
         StreamAlloc {
             driver,
             shards,
-            blocks: DashMap::with_hasher_and_shard_amount(BuildHasherDefault::default(), 128),
+            blocks: DashMap::with_hasher_and_shard_amount(BuildHasherDefault::default(), 256),
             epoch: EpochGate::new(),
             capture: ArcSwapOption::empty(),
             deferred: SegQueue::new(),
             freed: FreedTable::new(),
             warnings: Warnings::default(),
+            cache,
+            caches: DashMap::new(),
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
         }
+    }
+
+    /// The front cache's settings.
+    pub fn cache_config(&self) -> CacheConfig {
+        self.cache
     }
 
     /// The driver underneath.
@@ -157,9 +209,34 @@ impl<D: Driver> StreamAlloc<D> {
     }
 
     /// Allocates a block freed when the returned handle drops (like PyTorch's DataPtr).
+    ///
+    /// A block served by the front cache carries its own metadata in the handle and is
+    /// not entered in the allocator's map: dropping it costs no lookup. Such blocks count
+    /// in `used_bytes` but are not listed by `snapshot` (they enter the map, and the
+    /// snapshot, when `record_stream` is called on them).
     pub fn allocate(&self, device: Device, size: usize, stream: Stream) -> Result<Block<'_, D>> {
-        let ptr = self.malloc(device, size, stream)?;
-        Ok(Block { alloc: self, ptr, size, device })
+        let size64 = size as u64;
+        if size64 >= ONE_EXBIBYTE {
+            return Err(Error::TooLarge { requested: size64 });
+        }
+        let block = |ptr, tracked| Block {
+            alloc: self,
+            ptr,
+            size,
+            device,
+            stream,
+            tracked: Cell::new(tracked),
+        };
+        if size == 0 {
+            return Ok(block(DevicePtr::NULL, true));
+        }
+        let shard = self.shard(device)?;
+        if let Some(ptr) = self.try_cached(shard, size64, stream) {
+            return Ok(block(DevicePtr::from_raw(ptr), false));
+        }
+        let cacheable = self.cacheable_size(size64);
+        let (ptr, captured) = self.malloc_driver(shard, size64, stream, !cacheable)?;
+        Ok(block(ptr, captured || !cacheable))
     }
 
     fn shard(&self, device: Device) -> Result<&Shard> {
@@ -190,13 +267,13 @@ impl<D: Driver> StreamAlloc<D> {
         }
     }
 
-    fn oom(&self, device: Device, requested: u64, allocated: u64) -> Error {
+    fn oom(&self, device: Device, requested: u64) -> Error {
         // The seed clears the driver's error and asks for memory info for the report.
         let _ = self.driver.check_last_error(device);
         match self.driver.mem_get_info(device) {
             Ok(info) => Error::OutOfMemory(Box::new(OutOfMemory {
                 device,
-                allocated,
+                allocated: self.used_bytes(device),
                 requested,
                 device_total: info.total,
                 device_free: info.free,
@@ -204,6 +281,362 @@ impl<D: Driver> StreamAlloc<D> {
             })),
             Err(e) => Error::Driver(e),
         }
+    }
+
+    /// The driver tier of malloc: one read section, the exact budget reservation, the
+    /// driver call (for the class size when the block may be cached later), the map
+    /// insert (when `track`, or when allocated during a capture). Returns the pointer
+    /// and whether it was allocated during a capture.
+    fn malloc_driver(
+        &self,
+        shard: &Shard,
+        size: u64,
+        stream: Stream,
+        track: bool,
+    ) -> Result<(DevicePtr, bool)> {
+        let device = shard.device;
+        let section = self.epoch.enter();
+        if !section.capturing() && !self.deferred.is_empty() {
+            self.flush_deferred(&section)?;
+        }
+        self.lazy_init(shard)?;
+        self.driver.check_last_error(device)?;
+        self.reserve_exact(shard, size)?;
+        let alloc_size = self.driver_size(size) as usize;
+        let mut result = self.driver.malloc_async(device, alloc_size, stream);
+        if matches!(&result, Err(e) if e.is_oom()) && self.cache.enabled && !section.capturing() {
+            // Cached blocks may be what the driver is missing: give them back, retry once.
+            self.flush_caches(shard)?;
+            result = self.driver.malloc_async(device, alloc_size, stream);
+        }
+        let ptr = match result {
+            Ok(ptr) => ptr,
+            Err(e) => {
+                shard.budget.release(size);
+                return Err(if e.is_oom() { self.oom(device, size) } else { e.into() });
+            }
+        };
+        self.freed.reused(ptr.as_raw());
+        let captured = section.capturing();
+        if track || captured {
+            let info = BlockInfo {
+                size,
+                creation_stream: stream,
+                device: device as u32,
+                captured,
+                free_deferred: false,
+                recorded: None,
+            };
+            if let Some(stale) = self.blocks.insert(ptr.as_raw(), info) {
+                // The driver handed out an address we hold as live: its books and ours
+                // disagree. Keep the newer block; the older one's bytes go with it.
+                log::error!("driver returned live address {ptr} again (old block {stale:?})");
+                self.shards[stale.device as usize].budget.release(stale.size);
+            }
+        }
+        Ok((ptr, captured))
+    }
+
+    /// S3/S7: claims `size` bytes against the limit; with a cache, credit stranded in
+    /// stream caches is drained back before out-of-memory is declared.
+    fn reserve_exact(&self, shard: &Shard, size: u64) -> Result<()> {
+        if shard.budget.reserve(size).is_ok() {
+            return Ok(());
+        }
+        if self.cache.enabled {
+            self.drain_credit(shard);
+            if shard.budget.reserve(size).is_ok() {
+                return Ok(());
+            }
+        }
+        Err(self.oom(shard.device, size))
+    }
+
+    // ----- the front cache -------------------------------------------------------------
+
+    /// The size asked of the driver: the class size when the block may be cached.
+    #[inline]
+    fn driver_size(&self, size: u64) -> u64 {
+        match class_of(size) {
+            Some((_, class_size)) if self.cache.enabled => class_size,
+            _ => size,
+        }
+    }
+
+    #[inline]
+    fn cacheable_size(&self, size: u64) -> bool {
+        self.cache.enabled && class_of(size).is_some()
+    }
+
+    /// Whether a block freed outside a capture goes to the front cache: not captured
+    /// (graph memory stays the graph's), never recorded on another stream (those are
+    /// freed through the unifying stream, S5), and of a cached size.
+    #[inline]
+    fn cacheable(&self, info: &BlockInfo) -> bool {
+        info.recorded.is_none() && !info.captured && self.cacheable_size(info.size)
+    }
+
+    /// Runs `f` on the cache of (device, stream), found through this thread's memo (no
+    /// shared line touched on a memo hit).
+    #[inline]
+    fn with_stream_cache<R>(
+        &self,
+        device: Device,
+        stream: Stream,
+        f: impl FnOnce(&StreamCache) -> R,
+    ) -> R {
+        let lookup = || {
+            let entry = self.caches.entry((device, stream));
+            entry.or_insert_with(|| Arc::new(StreamCache::new(stream))).clone()
+        };
+        let memo = MEMO.try_with(|memo| {
+            let found = memo
+                .borrow()
+                .iter()
+                .find(|e| e.0 == self.id && e.1 == device && e.2 == stream)
+                .map(|e| e.3.clone());
+            found.unwrap_or_else(|| {
+                let cache = lookup();
+                let mut memo = memo.borrow_mut();
+                if memo.len() >= MEMO_ENTRIES {
+                    memo.remove(0);
+                }
+                memo.push((self.id, device, stream, cache.clone()));
+                cache
+            })
+        });
+        // During thread teardown the memo is gone: look the cache up directly.
+        let cache = memo.unwrap_or_else(|_| lookup());
+        f(&cache)
+    }
+
+    /// The cache tier of malloc: a block of `size`'s class cached on this stream, if the
+    /// cache is on, no capture is underway, and no deferred free is waiting.
+    #[inline]
+    fn try_cached(&self, shard: &Shard, size: u64, stream: Stream) -> Option<u64> {
+        if !self.cache.enabled || self.epoch.capturing() || !self.deferred.is_empty() {
+            return None;
+        }
+        let (class, class_size) = class_of(size)?;
+        let take = self.with_stream_cache(shard.device, stream, |sc| {
+            let mut l = sc.lock();
+            let Some(ptr) = l.free[class].pop() else {
+                l.misses += 1;
+                return Take::Miss;
+            };
+            if l.credit < size {
+                // Refill credit from the device budget: a chunk, else the exact bytes.
+                let want = [CREDIT_CHUNK.max(size), size];
+                match want.into_iter().find(|&n| shard.budget.reserve(n).is_ok()) {
+                    Some(n) => l.credit += n,
+                    None => {
+                        l.free[class].push(ptr);
+                        return Take::NoCredit;
+                    }
+                }
+            }
+            l.credit -= size;
+            l.bytes -= class_size;
+            l.hits += 1;
+            sc.mirror_credit(&l);
+            publish(shard, &mut l, false);
+            // Under the lock, so no other thread can hand the block out before the
+            // driver layer hears of it.
+            self.driver.note_reuse(
+                shard.device,
+                DevicePtr::from_raw(ptr),
+                class_size as usize,
+                stream,
+            );
+            Take::Hit(ptr)
+        });
+        match take {
+            Take::Hit(ptr) => {
+                self.freed.reused(ptr);
+                Some(ptr)
+            }
+            Take::Miss | Take::NoCredit => None,
+        }
+    }
+
+    /// The cache tier of free: keeps a block freed on `stream` for reuse on `stream`.
+    fn put_cached(&self, shard: &Shard, ptr: u64, size: u64, stream: Stream) {
+        let Some((class, class_size)) = class_of(size) else { return };
+        let over_budget = self.with_stream_cache(shard.device, stream, |sc| {
+            let mut l = sc.lock();
+            self.driver.note_cached(
+                shard.device,
+                DevicePtr::from_raw(ptr),
+                class_size as usize,
+                stream,
+            );
+            l.free[class].push(ptr);
+            l.bytes += class_size;
+            l.credit += size;
+            if l.credit > 2 * CREDIT_CHUNK {
+                shard.budget.release(l.credit - CREDIT_CHUNK);
+                l.credit = CREDIT_CHUNK;
+            }
+            sc.mirror_credit(&l);
+            publish(shard, &mut l, false)
+                && shard.cached.load(Ordering::Relaxed) > self.cache.max_bytes_per_device
+        });
+        if over_budget {
+            self.trim_stream_cache(shard, stream);
+        }
+    }
+
+    /// Over budget: release blocks of this stream's cache, largest first, until the
+    /// device's cached bytes are back under the budget. Not during a capture (the
+    /// frees would be uncaptured frees inside it).
+    fn trim_stream_cache(&self, shard: &Shard, stream: Stream) {
+        let section = self.epoch.enter();
+        if section.capturing() {
+            return;
+        }
+        let victims = self.with_stream_cache(shard.device, stream, |sc| {
+            let mut l = sc.lock();
+            let mut excess = shard
+                .cached
+                .load(Ordering::Relaxed)
+                .saturating_sub(self.cache.max_bytes_per_device);
+            let mut victims = Vec::new();
+            for class in (0..l.free.len()).rev() {
+                while excess > 0 {
+                    let Some(ptr) = l.free[class].pop() else { break };
+                    let cs = crate::cache::class_size(class);
+                    l.bytes -= cs;
+                    excess = excess.saturating_sub(cs);
+                    victims.push((ptr, cs));
+                }
+            }
+            publish(shard, &mut l, true);
+            victims
+        });
+        if let Err(e) = self.release_to_driver(shard.device, stream, victims) {
+            log::error!("releasing cached blocks to the driver failed: {e}");
+        }
+    }
+
+    /// Gives every cached block of `shard`'s device back to the driver (on the stream
+    /// it was freed on), and the caches' credit back to the budget. Call inside a
+    /// section that saw no capture.
+    fn flush_caches(&self, shard: &Shard) -> Result<()> {
+        let caches: Vec<Arc<StreamCache>> = self
+            .caches
+            .iter()
+            .filter(|e| e.key().0 == shard.device)
+            .map(|e| e.value().clone())
+            .collect();
+        let mut first_error = None;
+        for sc in caches {
+            let blocks = {
+                let mut l = sc.lock();
+                let mut blocks = Vec::new();
+                for (class, list) in l.free.iter_mut().enumerate() {
+                    let cs = crate::cache::class_size(class);
+                    blocks.extend(list.drain(..).map(|ptr| (ptr, cs)));
+                }
+                l.bytes = 0;
+                publish(shard, &mut l, true);
+                shard.budget.release(std::mem::take(&mut l.credit));
+                sc.mirror_credit(&l);
+                blocks
+            };
+            if let Err(e) = self.release_to_driver(shard.device, sc.stream, blocks) {
+                first_error.get_or_insert(e);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// Gives the credit of every stream cache of the device back to the budget, so an
+    /// exact reservation sees every byte that is not live.
+    fn drain_credit(&self, shard: &Shard) {
+        for e in self.caches.iter().filter(|e| e.key().0 == shard.device) {
+            let sc = e.value();
+            let mut l = sc.lock();
+            shard.budget.release(std::mem::take(&mut l.credit));
+            sc.mirror_credit(&l);
+        }
+    }
+
+    /// Frees cached blocks through the driver on the stream they were freed on. If that
+    /// stream is gone (destroyed by its owner), waits for the device and frees on the
+    /// null stream; a block the driver still refuses goes back to the cache.
+    fn release_to_driver(
+        &self,
+        device: Device,
+        stream: Stream,
+        blocks: Vec<(u64, u64)>,
+    ) -> Result<()> {
+        let mut first_error = None;
+        for (ptr, size) in blocks {
+            let p = DevicePtr::from_raw(ptr);
+            let r = self.driver.free_async(device, p, size as usize, stream).or_else(|_| {
+                self.driver.device_synchronize(device)?;
+                self.driver.free_async(device, p, size as usize, Stream::NULL)
+            });
+            if let Err(e) = r {
+                first_error.get_or_insert(e);
+                self.put_back(device, stream, ptr, size);
+            }
+        }
+        first_error.map_or(Ok(()), |e| Err(e.into()))
+    }
+
+    fn put_back(&self, device: Device, stream: Stream, ptr: u64, class_size: u64) {
+        let shard = &self.shards[device];
+        self.with_stream_cache(device, stream, |sc| {
+            let mut l = sc.lock();
+            if let Some((class, _)) = class_of(class_size) {
+                l.free[class].push(ptr);
+                l.bytes += class_size;
+                publish(shard, &mut l, true);
+            }
+        });
+    }
+
+    /// A handle's block that the map never saw goes back: to the cache, or during a
+    /// capture through the seed's path (deferred until the capture ends, S4).
+    fn free_untracked(
+        &self,
+        device: Device,
+        ptr: DevicePtr,
+        size: u64,
+        stream: Stream,
+    ) -> Result<()> {
+        if self.epoch.capturing() {
+            self.track(device, ptr, size, stream);
+            return self.free(ptr);
+        }
+        self.put_cached(&self.shards[device], ptr.as_raw(), size, stream);
+        Ok(())
+    }
+
+    /// Enters a handle's block in the map (for record_stream, or a free in a capture).
+    fn track(&self, device: Device, ptr: DevicePtr, size: u64, stream: Stream) {
+        let info = BlockInfo {
+            size,
+            creation_stream: stream,
+            device: device as u32,
+            captured: false,
+            free_deferred: false,
+            recorded: None,
+        };
+        self.blocks.insert(ptr.as_raw(), info);
+    }
+
+    /// Front-cache statistics of a device: (cached bytes, hits, misses).
+    fn cache_stats(&self, device: Device) -> (u64, u64, u64) {
+        let mut totals = (0, 0, 0);
+        for e in self.caches.iter().filter(|e| e.key().0 == device) {
+            let l = e.value().lock();
+            totals.0 += l.bytes;
+            totals.1 += l.hits;
+            totals.2 += l.misses;
+        }
+        totals
     }
 
     /// S5: issues the driver free of a block already taken out of the map, then gives
@@ -216,7 +649,7 @@ impl<D: Driver> StreamAlloc<D> {
                 self.driver.free_async(
                     device,
                     DevicePtr::from_raw(ptr),
-                    info.size as usize,
+                    self.driver_size(info.size) as usize,
                     creation.stream,
                 )?;
                 creation
@@ -233,7 +666,7 @@ impl<D: Driver> StreamAlloc<D> {
                 self.driver.free_async(
                     device,
                     DevicePtr::from_raw(ptr),
-                    info.size as usize,
+                    self.driver_size(info.size) as usize,
                     unifying.stream,
                 )?;
                 unifying
@@ -300,53 +733,31 @@ impl<D: Driver> StreamOrderedAllocator for StreamAlloc<D> {
         self.shards.len()
     }
 
-    /// The hot path: one read section, one CAS on the device's budget, one driver call,
-    /// one map insert.
+    /// The hot path. With the front cache on and no capture underway, a block cached on
+    /// this stream is handed out with no driver call and no shared line written but the
+    /// map's shard; otherwise the driver tier (`malloc_driver`).
     fn malloc(&self, device: Device, size: usize, stream: Stream) -> Result<DevicePtr> {
-        if size as u64 >= ONE_EXBIBYTE {
-            return Err(Error::TooLarge { requested: size as u64 });
+        let size = size as u64;
+        if size >= ONE_EXBIBYTE {
+            return Err(Error::TooLarge { requested: size });
         }
         if size == 0 {
             return Ok(DevicePtr::NULL);
         }
         let shard = self.shard(device)?;
-        let section = self.epoch.enter();
-        if !section.capturing() && !self.deferred.is_empty() {
-            self.flush_deferred(&section)?;
+        if let Some(ptr) = self.try_cached(shard, size, stream) {
+            let info = BlockInfo {
+                size,
+                creation_stream: stream,
+                device: device as u32,
+                captured: false,
+                free_deferred: false,
+                recorded: None,
+            };
+            self.blocks.insert(ptr, info);
+            return Ok(DevicePtr::from_raw(ptr));
         }
-        let shard = self.lazy_init(shard)?;
-        self.driver.check_last_error(device)?;
-        let size64 = size as u64;
-        if let Err(allocated) = shard.budget.reserve(size64) {
-            return Err(self.oom(device, size64, allocated));
-        }
-        let ptr = match self.driver.malloc_async(device, size, stream) {
-            Ok(ptr) => ptr,
-            Err(e) => {
-                shard.budget.release(size64);
-                return Err(if e.is_oom() {
-                    self.oom(device, size64, shard.budget.used())
-                } else {
-                    Error::Driver(e)
-                });
-            }
-        };
-        self.freed.reused(ptr.as_raw());
-        let info = BlockInfo {
-            size: size64,
-            creation_stream: stream,
-            device: device as u32,
-            captured: section.capturing(),
-            free_deferred: false,
-            recorded: None,
-        };
-        if let Some(stale) = self.blocks.insert(ptr.as_raw(), info) {
-            // The driver handed out an address we hold as live: its books and ours
-            // disagree. Keep the newer block; the older one's bytes are gone with it.
-            log::error!("driver returned live address {ptr} again (old block {stale:?})");
-            self.shards[stale.device as usize].budget.release(stale.size);
-        }
-        Ok(ptr)
+        self.malloc_driver(shard, size, stream, true).map(|(ptr, _)| ptr)
     }
 
     fn free(&self, ptr: DevicePtr) -> Result<()> {
@@ -361,7 +772,14 @@ impl<D: Driver> StreamOrderedAllocator for StreamAlloc<D> {
         let Some((_, info)) = self.blocks.remove_if(&key, |_, b| !b.free_deferred) else {
             return Err(self.unknown_or_double_free(ptr));
         };
-        if let Err(e) = self.driver.check_last_error(info.device as Device) {
+        let device = info.device as Device;
+        if !section.capturing() && self.cacheable(&info) {
+            self.freed.freed(key);
+            drop(section);
+            self.put_cached(&self.shards[device], key, info.size, info.creation_stream);
+            return Ok(());
+        }
+        if let Err(e) = self.driver.check_last_error(device) {
             self.blocks.insert(key, info);
             return Err(e.into());
         }
@@ -407,18 +825,30 @@ impl<D: Driver> StreamOrderedAllocator for StreamAlloc<D> {
         Ok(())
     }
 
+    /// S8, with the cache flushed first: cached blocks go back to the driver, then each
+    /// initialized device is synchronized and its pool trimmed to 0.
     fn empty_cache(&self) -> Result<()> {
         let mut first_error = None;
+        if self.cache.enabled {
+            let section = self.epoch.enter();
+            if !section.capturing() {
+                for shard in self.shards.iter().filter(|s| s.unifying.get().is_some()) {
+                    if let Err(e) = self.flush_caches(shard) {
+                        first_error.get_or_insert(e);
+                    }
+                }
+            }
+        }
         for shard in self.shards.iter().filter(|s| s.unifying.get().is_some()) {
             let r = self
                 .driver
                 .device_synchronize(shard.device)
                 .and_then(|_| self.driver.pool_trim_to(shard.device, 0));
             if let Err(e) = r {
-                first_error.get_or_insert(e);
+                first_error.get_or_insert(e.into());
             }
         }
-        first_error.map_or(Ok(()), |e| Err(e.into()))
+        first_error.map_or(Ok(()), Err)
     }
 
     fn cache_info(&self, device: Device, stream: Stream) -> Result<u64> {
@@ -459,13 +889,16 @@ impl<D: Driver> StreamOrderedAllocator for StreamAlloc<D> {
             return Ok(DeviceStats::default());
         }
         let attr = |a| self.driver.pool_attribute(device, a);
+        let (cached, hits, misses) = self.cache_stats(device);
         Ok(DeviceStats {
             reserved_current: attr(PoolAttribute::ReservedMemCurrent)?,
             reserved_peak: attr(PoolAttribute::ReservedMemHigh)?,
             used_current: attr(PoolAttribute::UsedMemCurrent)?,
             used_peak: attr(PoolAttribute::UsedMemHigh)?,
-            allocated_current: shard.budget.used(),
-            ..DeviceStats::default()
+            allocated_current: self.used_bytes(device),
+            cached_current: cached,
+            cache_hits: hits,
+            cache_misses: misses,
         })
     }
 
@@ -548,8 +981,17 @@ impl<D: Driver> StreamOrderedAllocator for StreamAlloc<D> {
         self.epoch.capturing()
     }
 
+    /// Bytes in live allocations: the budget's claims less the credit the stream caches
+    /// hold (exact when no operation is in flight).
     fn used_bytes(&self, device: Device) -> u64 {
-        self.shards.get(device).map_or(0, |s| s.budget.used())
+        let Some(shard) = self.shards.get(device) else { return 0 };
+        let credit: u64 = self
+            .caches
+            .iter()
+            .filter(|e| e.key().0 == device)
+            .map(|e| e.value().credit.load(Ordering::Relaxed))
+            .sum();
+        shard.budget.used().saturating_sub(credit)
     }
 
     fn memory_limit(&self, device: Device) -> u64 {
@@ -575,11 +1017,17 @@ impl<D: Driver> StreamOrderedAllocator for StreamAlloc<D> {
 }
 
 /// A block freed when dropped, like PyTorch's `DataPtr`.
+///
+/// A block from the front cache carries its metadata here rather than in the
+/// allocator's map, so dropping it needs no lookup.
 pub struct Block<'a, D: Driver> {
     alloc: &'a StreamAlloc<D>,
     ptr: DevicePtr,
     size: usize,
     device: Device,
+    stream: Stream,
+    /// Whether the block is in the allocator's map (as every pointer-API block is).
+    tracked: Cell<bool>,
 }
 
 impl<D: Driver> Block<'_, D> {
@@ -598,22 +1046,57 @@ impl<D: Driver> Block<'_, D> {
         self.device
     }
 
-    /// S6: records that the block is used on `stream`.
+    /// The stream the block was allocated on (its creation stream).
+    pub fn stream(&self) -> Stream {
+        self.stream
+    }
+
+    /// S6: records that the block is used on `stream` (it is then freed through the
+    /// unifying stream, after that stream's work).
     pub fn record_stream(&self, stream: UsageStream) -> Result<()> {
+        if !self.tracked.get() {
+            self.alloc.track(self.device, self.ptr, self.size as u64, self.stream);
+            self.tracked.set(true);
+        }
         self.alloc.record_stream(self.ptr, stream)
     }
 
     /// Frees now and reports any error (dropping frees too, but can only log errors).
     pub fn free(self) -> Result<()> {
         let me = std::mem::ManuallyDrop::new(self);
-        me.alloc.free(me.ptr)
+        me.release()
+    }
+
+    fn release(&self) -> Result<()> {
+        if self.tracked.get() {
+            self.alloc.free(self.ptr)
+        } else {
+            self.alloc.free_untracked(self.device, self.ptr, self.size as u64, self.stream)
+        }
     }
 }
 
 impl<D: Driver> Drop for Block<'_, D> {
     fn drop(&mut self) {
-        if let Err(e) = self.alloc.free(self.ptr) {
+        if let Err(e) = self.release() {
             log::error!("freeing block {} on drop failed: {e}", self.ptr);
         }
     }
+}
+
+/// Moves a stream cache's byte count into the device total when it has drifted by
+/// `PUBLISH_STEP` (or always, when `force`). Returns whether it published.
+#[inline]
+fn publish(shard: &Shard, l: &mut crate::cache::Lists, force: bool) -> bool {
+    let (now, then) = (l.bytes, l.published);
+    if now == then || (!force && now.abs_diff(then) < PUBLISH_STEP) {
+        return false;
+    }
+    if now > then {
+        shard.cached.fetch_add(now - then, Ordering::Relaxed);
+    } else {
+        shard.cached.fetch_sub(then - now, Ordering::Relaxed);
+    }
+    l.published = now;
+    true
 }

@@ -16,6 +16,7 @@ pub use types::{
 };
 
 mod budget;
+pub mod cache;
 pub mod core;
 mod epoch;
 mod freed;
@@ -25,6 +26,7 @@ mod sync;
 mod tests;
 mod warn;
 
+pub use crate::cache::CacheConfig;
 pub use crate::core::{Block, PtrHasher, StreamAlloc};
 pub use replica::SeedReplica;
 pub use warn::WarningCounts;

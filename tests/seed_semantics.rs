@@ -161,7 +161,8 @@ fn s4_unknown_and_double_free_are_typed_errors() {
         let p = s.alloc.malloc(0, 512, NULL).unwrap();
         s.alloc.free(p).unwrap();
         assert_eq!(s.alloc.free(p), Err(Error::DoubleFree { ptr: p }));
-        assert_eq!(s.sim.call_count(SimOp::FreeAsync), 1, "{}: one driver free", s.kind);
+        let driver_frees = if s.seedlike() { 1 } else { 0 }; // the cache keeps it
+        assert_eq!(s.sim.call_count(SimOp::FreeAsync), driver_frees, "{}", s.kind);
         let q = s.alloc.malloc(0, 512, NULL).unwrap();
         s.alloc.free(q).unwrap();
         s.assert_books();
@@ -221,10 +222,21 @@ fn s5_single_stream_block_is_freed_on_its_stream() {
         let p = s.alloc.malloc(0, 1 << 20, st.stream).unwrap();
         s.sim.launch(st, &[p]).unwrap();
         s.alloc.free(p).unwrap();
+        if !s.seedlike() {
+            // The front cache keeps it for `st`: the next allocation there gets it back
+            // with no driver call, and the cache's flush frees it on `st`.
+            assert_eq!(s.sim.last_free_stream(), None);
+            let q = s.alloc.malloc(0, 1 << 20, st.stream).unwrap();
+            assert_eq!((q, s.sim.call_count(SimOp::MallocAsync)), (p, 1));
+            s.alloc.free(q).unwrap();
+            s.alloc.empty_cache().unwrap();
+        }
         assert_eq!(s.sim.last_free_stream(), Some(st), "{}", s.kind);
         // Freed on st: st can have the memory back at once.
         let q = s.alloc.malloc(0, 1 << 20, st.stream).unwrap();
-        assert_eq!(q, p, "{}: same-stream reuse", s.kind);
+        if s.seedlike() {
+            assert_eq!(q, p, "{}: same-stream reuse", s.kind);
+        }
         s.alloc.free(q).unwrap();
         s.assert_clean();
     });
@@ -499,6 +511,7 @@ fn s17_raw_alloc_on_given_stream_and_raw_delete() {
         assert_eq!(s.alloc.snapshot()[0].creation_stream, st);
         assert_eq!(s.sim.last_malloc_stream(), Some(st));
         s.alloc.free(p).unwrap();
+        s.alloc.empty_cache().unwrap();
         assert_eq!(s.sim.live_blocks(0), 0);
     });
 }
@@ -550,9 +563,13 @@ fn s23_sticky_error_is_reported_before_alloc_and_free() {
         s.sim.set_sticky_error(0, 700);
         let e = s.alloc.malloc(0, 4096, NULL).unwrap_err();
         assert!(matches!(&e, Error::Driver(d) if d.code == 700), "{}: {e:?}", s.kind);
-        s.sim.set_sticky_error(0, 700);
-        assert!(s.alloc.free(p).is_err());
-        assert_eq!(s.alloc.used_bytes(0), 4096, "{}: failed free keeps the block", s.kind);
+        if s.seedlike() {
+            // (A free into the front cache makes no driver call, so there is nothing to
+            // report an earlier error through; the next driver-tier call reports it.)
+            s.sim.set_sticky_error(0, 700);
+            assert!(s.alloc.free(p).is_err());
+            assert_eq!(s.alloc.used_bytes(0), 4096, "{}: failed free keeps the block", s.kind);
+        }
         s.alloc.free(p).unwrap();
         s.assert_books();
     });

@@ -12,7 +12,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use streamalloc::sim::SimDriver;
-use streamalloc::{DevicePtr, Error, StreamAlloc, StreamOrderedAllocator, UsageStream};
+use streamalloc::{
+    CacheConfig, DevicePtr, Error, StreamAlloc, StreamOrderedAllocator, UsageStream,
+};
 
 struct Rng(u64);
 impl Rng {
@@ -24,10 +26,10 @@ impl Rng {
     }
 }
 
-fn run(min_ops: u64, min_time: Duration) {
+fn run(cache: CacheConfig, min_ops: u64, min_time: Duration) {
     let devices = 2;
     let sim = Arc::new(SimDriver::with_devices(devices, CAPACITY));
-    let alloc = StreamAlloc::new(sim.clone()).unwrap();
+    let alloc = StreamAlloc::with_cache(sim.clone(), cache).unwrap();
     alloc.enable_peer_access(0, 1).unwrap();
     alloc.enable_peer_access(1, 0).unwrap();
     let threads = 4 * std::thread::available_parallelism().map_or(2, |n| n.get());
@@ -115,6 +117,7 @@ fn run(min_ops: u64, min_time: Duration) {
         assert_eq!(alloc.used_bytes(d), 0, "device {d}");
     }
     assert!(alloc.snapshot().is_empty(), "{:?}", alloc.snapshot().first());
+    alloc.empty_cache().unwrap(); // cached blocks go back to the driver
     sim.synchronize_all();
     for d in 0..devices {
         assert_eq!(sim.live_blocks(d), 0);
@@ -129,13 +132,25 @@ fn run(min_ops: u64, min_time: Duration) {
 }
 
 #[test]
-fn stress_short() {
-    run(200_000, Duration::ZERO);
+fn stress_short_cached() {
+    run(CacheConfig::default(), 200_000, Duration::ZERO);
+}
+
+#[test]
+fn stress_short_passthrough() {
+    run(CacheConfig::passthrough(), 200_000, Duration::ZERO);
+}
+
+#[test]
+fn stress_small_cache_budget() {
+    // A 4 MiB cache budget: trimming runs all the time.
+    run(CacheConfig { enabled: true, max_bytes_per_device: 4 << 20 }, 100_000, Duration::ZERO);
 }
 
 #[test]
 #[ignore = "long mode: STRESS_SECS=600 cargo test --release --test stress -- --ignored"]
 fn stress_long() {
     let secs = std::env::var("STRESS_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(60);
-    run(0, Duration::from_secs(secs));
+    run(CacheConfig::default(), 0, Duration::from_secs(secs / 2));
+    run(CacheConfig::passthrough(), 0, Duration::from_secs(secs / 2));
 }

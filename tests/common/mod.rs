@@ -4,7 +4,9 @@
 
 use std::sync::Arc;
 use streamalloc::sim::SimDriver;
-use streamalloc::{SeedReplica, Stream, StreamAlloc, StreamOrderedAllocator, UsageStream};
+use streamalloc::{
+    CacheConfig, SeedReplica, Stream, StreamAlloc, StreamOrderedAllocator, UsageStream,
+};
 
 /// Capacity of each simulated device in tests: 1 GiB.
 pub const CAPACITY: u64 = 1 << 30;
@@ -17,6 +19,11 @@ pub struct Subject {
 }
 
 impl Subject {
+    /// Whether every malloc and free reaches the driver (no front cache).
+    pub fn seedlike(&self) -> bool {
+        self.kind != "core"
+    }
+
     pub fn stream(&self, device: usize) -> UsageStream {
         self.sim.new_usage_stream(device).unwrap()
     }
@@ -38,9 +45,17 @@ impl Subject {
     }
 }
 
+/// The lock-free core with its front cache (the default).
 pub fn core(devices: usize) -> Subject {
     let sim = Arc::new(SimDriver::with_devices(devices, CAPACITY));
     Subject { alloc: Box::new(StreamAlloc::new(sim.clone()).unwrap()), sim, kind: "core" }
+}
+
+/// The lock-free core without a cache: every call reaches the driver, as in the seed.
+pub fn passthrough(devices: usize) -> Subject {
+    let sim = Arc::new(SimDriver::with_devices(devices, CAPACITY));
+    let alloc = StreamAlloc::with_cache(sim.clone(), CacheConfig::passthrough()).unwrap();
+    Subject { alloc: Box::new(alloc), sim, kind: "passthrough" }
 }
 
 pub fn replica(devices: usize) -> Subject {
@@ -48,9 +63,9 @@ pub fn replica(devices: usize) -> Subject {
     Subject { alloc: Box::new(SeedReplica::new(sim.clone()).unwrap()), sim, kind: "replica" }
 }
 
-/// Runs `scenario` on both allocators.
+/// Runs `scenario` on the core (cached and passthrough) and on the replica.
 pub fn both(devices: usize, scenario: impl Fn(&Subject)) {
-    for s in [core(devices), replica(devices)] {
+    for s in [core(devices), passthrough(devices), replica(devices)] {
         scenario(&s);
     }
 }

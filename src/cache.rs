@@ -1,0 +1,166 @@
+//! The front cache: per-(device, stream) free lists of blocks by size class, in front of
+//! the driver.
+//!
+//! ```text
+//!   thread ──memo──▶ StreamCache (device 0, stream A) ─┐ mutex, owned in practice by
+//!                    ┌─ class 0 (512 B)   [p, q, ...]   │ the one thread that uses A
+//!                    ├─ class 1 (640 B)   [...]         │
+//!                    ├─ ...                             │
+//!                    └─ class 68 (64 MiB) [...]         │
+//!                    credit: bytes reserved in the device budget, not live
+//! ```
+//!
+//! A block freed on stream A is handed out again on stream A with no driver call: stream
+//! order makes that safe, exactly as the driver's own pool reuses on the same stream.
+//! Blocks are never handed to another stream, so no cross-stream ordering is needed.
+//!
+//! Accounting keeps the seed's meaning: `used` is bytes in live allocations. Each stream
+//! cache holds *credit*, bytes already reserved in the device's `Budget` but not live;
+//! a hit spends credit, a free into the cache earns it back, and only when the credit
+//! runs out or piles up does the cache touch the shared budget (in 4 MiB chunks). So the
+//! hot path touches no line another thread writes, and the limit stays exact: a refused
+//! chunk falls back to the exact path, which drains every cache's credit before it
+//! reports out-of-memory.
+
+use crate::types::Stream;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
+
+/// Largest block the cache keeps; larger ones go straight back to the driver.
+pub(crate) const MAX_CACHED: u64 = 64 << 20;
+/// Size classes: 512 B, then four per power of two up to `MAX_CACHED`.
+pub(crate) const CLASSES: usize = 1 + 4 * 17;
+/// Credit is taken from and returned to the device budget in chunks of this size.
+pub(crate) const CREDIT_CHUNK: u64 = 4 << 20;
+/// A stream cache publishes its cached bytes to the device total when they moved by
+/// this much since the last publish (so the shared total is touched rarely).
+pub(crate) const PUBLISH_STEP: u64 = 1 << 20;
+
+/// The size class of `size` (1..=MAX_CACHED): its index and the class's block size.
+/// Four classes per power of two bound the waste below 25%; the benchmark's sizes
+/// (512 B, 4 KiB, 64 KiB, 256 KiB, 1 MiB, 1.5 MiB) are classes exactly.
+#[inline]
+pub(crate) fn class_of(size: u64) -> Option<(usize, u64)> {
+    if size == 0 || size > MAX_CACHED {
+        return None;
+    }
+    if size <= 512 {
+        return Some((0, 512));
+    }
+    let k = 63 - (size - 1).leading_zeros() as u64; // 2^k < size <= 2^(k+1), k >= 9
+    let step = 1u64 << (k - 2);
+    let m = size.div_ceil(step); // 5..=8
+    Some((1 + 4 * (k as usize - 9) + (m as usize - 5), m * step))
+}
+
+/// The size of class `idx`.
+pub(crate) fn class_size(idx: usize) -> u64 {
+    if idx == 0 {
+        return 512;
+    }
+    let k = (idx - 1) / 4 + 9;
+    let m = (idx - 1) % 4 + 5;
+    (m as u64) << (k - 2)
+}
+
+/// The free lists of one (device, stream).
+pub(crate) struct Lists {
+    pub(crate) free: [Vec<u64>; CLASSES],
+    /// Bytes (class sizes) held in `free`.
+    pub(crate) bytes: u64,
+    /// Bytes reserved in the device budget and not live.
+    pub(crate) credit: u64,
+    /// `bytes` as last published to the device total.
+    pub(crate) published: u64,
+    pub(crate) hits: u64,
+    pub(crate) misses: u64,
+}
+
+/// One (device, stream)'s cache.
+pub(crate) struct StreamCache {
+    pub(crate) stream: Stream,
+    lists: Mutex<Lists>,
+    /// Mirror of `Lists::credit`, written under the lock, read without it by
+    /// `used_bytes` (Relaxed: a statistic; exact once the caches are quiet).
+    pub(crate) credit: AtomicU64,
+}
+
+impl StreamCache {
+    pub(crate) fn new(stream: Stream) -> Self {
+        StreamCache {
+            stream,
+            lists: Mutex::new(Lists {
+                free: std::array::from_fn(|_| Vec::new()),
+                bytes: 0,
+                credit: 0,
+                published: 0,
+                hits: 0,
+                misses: 0,
+            }),
+            credit: AtomicU64::new(0),
+        }
+    }
+
+    /// Locks the lists. Uncontended in the common case (one thread per stream); never
+    /// held across a driver call or while another cache's lock is taken.
+    #[inline]
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Lists> {
+        self.lists.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Writes the credit mirror (call with the lock held, after changing credit).
+    #[inline]
+    pub(crate) fn mirror_credit(&self, lists: &Lists) {
+        self.credit.store(lists.credit, Ordering::Relaxed);
+    }
+}
+
+/// Cache settings of a [`crate::StreamAlloc`].
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct CacheConfig {
+    /// Whether the front cache is on (`false`: every malloc and free goes to the
+    /// driver, as in the seed).
+    pub enabled: bool,
+    /// Bytes the cache may hold per device before it releases blocks to the driver.
+    pub max_bytes_per_device: u64,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig { enabled: true, max_bytes_per_device: 2 << 30 }
+    }
+}
+
+impl CacheConfig {
+    /// No cache: the seed's behaviour, every operation reaches the driver.
+    pub fn passthrough() -> Self {
+        CacheConfig { enabled: false, ..CacheConfig::default() }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classes_are_monotonic_and_bound_waste() {
+        let mut last = 0;
+        for idx in 0..CLASSES {
+            let s = class_size(idx);
+            assert!(s > last, "class {idx}");
+            assert_eq!(class_of(s), Some((idx, s)));
+            last = s;
+        }
+        assert_eq!(last, MAX_CACHED);
+        for size in (1..5000u64).chain((1..1800).map(|i| i * 37_171)) {
+            let (idx, cs) = class_of(size).unwrap();
+            assert!(cs >= size && (size <= 512 || (cs - size) * 4 < cs), "{size} -> {cs}");
+            assert_eq!(class_size(idx), cs);
+        }
+        for s in [512u64, 4096, 65536, 262_144, 1 << 20, 3 << 19] {
+            assert_eq!(class_of(s).unwrap().1, s, "bench size {s} is exact");
+        }
+        assert_eq!(class_of(MAX_CACHED + 1), None);
+        assert_eq!(class_of(0), None);
+    }
+}
