@@ -123,7 +123,7 @@ pub fn plot(rows: &[Row], png: &Path, title_gpu: Option<&str>) -> Result<(), Str
         .y_label_area_size(90)
         .build_cartesian_2d(
             -0.2f64..x_hi + 0.2,
-            (y_lo..y_hi).log_scale(),
+            (y_lo * 0.9..y_hi * 1.1).log_scale(),
         )
         .map_err(|e| e.to_string())?;
     chart
@@ -136,7 +136,11 @@ pub fn plot(rows: &[Row], png: &Path, title_gpu: Option<&str>) -> Result<(), Str
             if (x - x.round()).abs() < 1e-9 { format!("{}", 2f64.powf(x.round())) } else { String::new() }
         })
         .y_label_formatter(&|y| {
-            if *y >= 1.0 { format!("{y:.0}") } else { format!("{y}") }
+            if *y >= 1.0 {
+                format!("{y:.0}")
+            } else {
+                format!("{}", (y * 1e4).round() / 1e4)
+            }
         })
         .label_style(("sans-serif", 20))
         .axis_desc_style(("sans-serif", 22))
@@ -155,7 +159,7 @@ pub fn plot(rows: &[Row], png: &Path, title_gpu: Option<&str>) -> Result<(), Str
                 .map_err(|e| e.to_string())?
                 .label(name.to_string())
                 .legend(move |(x, y)| {
-                    PathElement::new(vec![(x, y), (x + 30, y)], color.stroke_width(3))
+                    PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(3))
                 });
         } else {
             chart
@@ -163,7 +167,7 @@ pub fn plot(rows: &[Row], png: &Path, title_gpu: Option<&str>) -> Result<(), Str
                 .map_err(|e| e.to_string())?
                 .label(name.to_string())
                 .legend(move |(x, y)| {
-                    PathElement::new(vec![(x, y), (x + 30, y)], color.stroke_width(3))
+                    PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(3))
                 });
         }
         chart
