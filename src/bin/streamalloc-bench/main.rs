@@ -270,8 +270,9 @@ fn real_main(o: Opts) -> Result<(), String> {
          variants); reps: {}; gpu column: {gpu}",
         o.iters, o.reps
     );
-    let thread_counts: Vec<usize> =
-        std::iter::successors(Some(1usize), |t| Some(t * 2)).take_while(|&t| t <= o.max_threads).collect();
+    let thread_counts: Vec<usize> = std::iter::successors(Some(1usize), |t| Some(t * 2))
+        .take_while(|&t| t <= o.max_threads)
+        .collect();
 
     // Streams: one per worker thread, made once per device and reused.
     let null = Arc::new(NullDriver::new(1));
@@ -287,52 +288,8 @@ fn real_main(o: Opts) -> Result<(), String> {
         None => None,
     };
 
-    // Measurements: reps outside, variants inside, so drift hits every variant alike.
-    let mut results: BTreeMap<(&str, usize), Vec<f64>> = BTreeMap::new();
-    let mut failed: BTreeMap<&str, String> = BTreeMap::new();
-    for rep in 0..o.reps {
-        for v in &selected {
-            if failed.contains_key(v.name) {
-                continue;
-            }
-            for &t in &thread_counts {
-                let r = match (v.on, &device, &device_streams) {
-                    (On::Null, _, _) => measure(v.name, &null, &null_streams, t, null_iters),
-                    (_, Some(DeviceBackend::Cuda(d)), Some(s)) => measure(v.name, d, s, t, o.iters),
-                    (_, Some(DeviceBackend::Sim(d)), Some(s)) => measure(v.name, d, s, t, o.iters),
-                    _ => Err("no device".to_string()),
-                };
-                match r {
-                    Ok(x) => {
-                        println!("rep {} {:<22} threads {t:>2}: {} M pairs/s", rep + 1, v.name, fmt3(x));
-                        results.entry((v.name, t)).or_default().push(x);
-                    }
-                    Err(e) => {
-                        println!("rep {} {:<22} threads {t:>2}: FAILED: {e}", rep + 1, v.name);
-                        failed.insert(v.name, e);
-                        break;
-                    }
-                }
-            }
-        }
-    }
-    if let (Some(d), Some(streams)) = (&device, &device_streams) {
-        for &s in streams {
-            match d {
-                DeviceBackend::Cuda(c) => c.release_stream(s),
-                DeviceBackend::Sim(m) => m.release_stream(s),
-            }
-        }
-    }
-    if let Some(DeviceBackend::Sim(sim)) = &device {
-        let reports = sim.reports();
-        println!("simulated device checker: {} ordering reports", reports.len());
-        for r in reports.iter().take(5) {
-            println!("  {r}");
-        }
-    }
-
-    // Bookkeeping bytes per live block, on the null driver.
+    // Bookkeeping bytes per live block, on the null driver (first: it takes a moment
+    // and the partial CSVs written after each rep carry it).
     let mut extra_rows = Vec::new();
     if o.blocks > 0 {
         let stream = null_streams[0].stream;
@@ -353,23 +310,64 @@ fn real_main(o: Opts) -> Result<(), String> {
         }
     }
 
-    // Medians, CSV, table.
-    let mut rows = Vec::new();
-    for v in &selected {
-        for &t in &thread_counts {
-            if let Some(xs) = results.get_mut(&(v.name, t)) {
-                let value = if failed.contains_key(v.name) { f64::NAN } else { median(xs) };
-                rows.push(Row { gpu: gpu.clone(), variant: v.name.to_string(), threads: t, value });
+    // Measurements: reps outside, variants inside, so drift hits every variant alike.
+    let mut results: BTreeMap<(&str, usize), Vec<f64>> = BTreeMap::new();
+    let mut failed: BTreeMap<&str, String> = BTreeMap::new();
+    for rep in 0..o.reps {
+        for v in &selected {
+            if failed.contains_key(v.name) {
+                continue;
+            }
+            for &t in &thread_counts {
+                let r = match (v.on, &device, &device_streams) {
+                    (On::Null, _, _) => measure(v.name, &null, &null_streams, t, null_iters),
+                    (_, Some(DeviceBackend::Cuda(d)), Some(s)) => measure(v.name, d, s, t, o.iters),
+                    (_, Some(DeviceBackend::Sim(d)), Some(s)) => measure(v.name, d, s, t, o.iters),
+                    _ => Err("no device".to_string()),
+                };
+                match r {
+                    Ok(x) => {
+                        println!(
+                            "rep {} {:<22} threads {t:>2}: {} M pairs/s",
+                            rep + 1,
+                            v.name,
+                            fmt3(x)
+                        );
+                        results.entry((v.name, t)).or_default().push(x);
+                    }
+                    Err(e) => {
+                        println!("rep {} {:<22} threads {t:>2}: FAILED: {e}", rep + 1, v.name);
+                        failed.insert(v.name, e);
+                        break;
+                    }
+                }
+            }
+        }
+        // A partial CSV after every rep: a run cut short still leaves its numbers.
+        if let Some(path) = &o.csv {
+            let rows = median_rows(&gpu, &selected, &thread_counts, &results, &failed);
+            write_csv(path, &rows, &extra_rows)?;
+        }
+    }
+    if let (Some(d), Some(streams)) = (&device, &device_streams) {
+        for &s in streams {
+            match d {
+                DeviceBackend::Cuda(c) => c.release_stream(s),
+                DeviceBackend::Sim(m) => m.release_stream(s),
             }
         }
     }
-    if let Some(path) = &o.csv {
-        let mut text = format!("{}\n", plot::HEADER);
-        for r in rows.iter().chain(&extra_rows) {
-            text.push_str(&r.to_csv());
-            text.push('\n');
+    if let Some(DeviceBackend::Sim(sim)) = &device {
+        let reports = sim.reports();
+        println!("simulated device checker: {} ordering reports", reports.len());
+        for r in reports.iter().take(5) {
+            println!("  {r}");
         }
-        std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+
+    let rows = median_rows(&gpu, &selected, &thread_counts, &results, &failed);
+    if let Some(path) = &o.csv {
+        write_csv(path, &rows, &extra_rows)?;
         println!("wrote {}", path.display());
     }
     if let Some(path) = &o.png {
@@ -383,6 +381,43 @@ fn real_main(o: Opts) -> Result<(), String> {
     }
     print_table(&gpu, &selected, &thread_counts, &rows, o.reps);
     Ok(())
+}
+
+/// The median over reps of each variant and thread count measured (NaN for a variant
+/// that failed).
+fn median_rows(
+    gpu: &str,
+    selected: &[&Variant],
+    thread_counts: &[usize],
+    results: &BTreeMap<(&str, usize), Vec<f64>>,
+    failed: &BTreeMap<&str, String>,
+) -> Vec<Row> {
+    let mut rows = Vec::new();
+    for v in selected {
+        for &t in thread_counts {
+            if let Some(xs) = results.get(&(v.name, t)) {
+                let value =
+                    if failed.contains_key(v.name) { f64::NAN } else { median(&mut xs.clone()) };
+                rows.push(Row {
+                    gpu: gpu.to_string(),
+                    variant: v.name.to_string(),
+                    threads: t,
+                    value,
+                });
+            }
+        }
+    }
+    rows
+}
+
+/// Writes the CSV: header, throughput rows, then the extra rows (bytes per block).
+fn write_csv(path: &std::path::Path, rows: &[Row], extra: &[Row]) -> Result<(), String> {
+    let mut text = format!("{}\n", plot::HEADER);
+    for r in rows.iter().chain(extra) {
+        text.push_str(&r.to_csv());
+        text.push('\n');
+    }
+    std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))
 }
 
 fn print_table(gpu: &str, selected: &[&Variant], threads: &[usize], rows: &[Row], reps: usize) {

@@ -106,6 +106,11 @@ pub fn plot(rows: &[Row], png: &Path, title_gpu: Option<&str>) -> Result<(), Str
     let (lo, hi) = values.fold((f64::MAX, f64::MIN), |(lo, hi), &(_, v)| (lo.min(v), hi.max(v)));
     let y_lo = 10f64.powf(lo.log10().floor());
     let y_hi = 10f64.powf(hi.log10().ceil().max(lo.log10().floor() + 1.0));
+    // Headroom above the data for the legend (upper right), so it never hides a line:
+    // the legend takes about `frac` of the plot's height.
+    let frac = ((order.len() * 26 + 24) as f64 / 640.0).min(0.6);
+    let decades = (y_hi / y_lo).log10();
+    let y_top = y_hi * 10f64.powf(decades * frac / (1.0 - frac)) * 1.1;
     let max_t = series.values().flatten().map(|&(t, _)| t).max().unwrap_or(1).max(2);
     let x_hi = (max_t as f64).log2().ceil();
 
@@ -121,10 +126,7 @@ pub fn plot(rows: &[Row], png: &Path, title_gpu: Option<&str>) -> Result<(), Str
         .margin(20)
         .x_label_area_size(55)
         .y_label_area_size(90)
-        .build_cartesian_2d(
-            -0.2f64..x_hi + 0.2,
-            (y_lo * 0.9..y_hi * 1.1).log_scale(),
-        )
+        .build_cartesian_2d(-0.2f64..x_hi + 0.2, (y_lo * 0.9..y_top).log_scale())
         .map_err(|e| e.to_string())?;
     chart
         .configure_mesh()
@@ -133,14 +135,14 @@ pub fn plot(rows: &[Row], png: &Path, title_gpu: Option<&str>) -> Result<(), Str
         .x_labels(x_hi as usize + 1)
         .x_label_formatter(&|x| {
             // Labels only at whole powers of two (x is log2 of the thread count).
-            if (x - x.round()).abs() < 1e-9 { format!("{}", 2f64.powf(x.round())) } else { String::new() }
+            if (x - x.round()).abs() < 1e-9 {
+                format!("{}", 2f64.powf(x.round()))
+            } else {
+                String::new()
+            }
         })
         .y_label_formatter(&|y| {
-            if *y >= 1.0 {
-                format!("{y:.0}")
-            } else {
-                format!("{}", (y * 1e4).round() / 1e4)
-            }
+            if *y >= 1.0 { format!("{y:.0}") } else { format!("{}", (y * 1e4).round() / 1e4) }
         })
         .label_style(("sans-serif", 20))
         .axis_desc_style(("sans-serif", 22))
