@@ -8,6 +8,6 @@ SHARED=${1:-../shared}
 cargo build --release --bin streamalloc-bench
 TARGET=${CARGO_TARGET_DIR:-target}
 mkdir -p .gpu/anchors
-cp "$TARGET/release/streamalloc-bench" .gpu/streamalloc-bench
-cp "$SHARED/anchors/torch_bench.cpp" "$SHARED/anchors/run_torch_anchor.sh" .gpu/anchors/
+install -m 0755 "$TARGET/release/streamalloc-bench" .gpu/streamalloc-bench
+install -m 0644 "$SHARED/anchors/torch_bench.cpp" "$SHARED/anchors/run_torch_anchor.sh" .gpu/anchors/
 du -sh .gpu
