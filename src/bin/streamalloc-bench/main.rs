@@ -1,0 +1,443 @@
+//! `streamalloc-bench`: aggregate alloc+free throughput against thread count, with the
+//! PyTorch anchor's workload (see `workload.rs`), on the GPU when one is found, else on
+//! the simulated device; bookkeeping alone on the null driver; heap bytes per live
+//! block; a CSV and a PNG plot.
+//!
+//! ```text
+//! cargo run --release --bin streamalloc-bench -- [--max-threads 16] [--reps 3]
+//!     [--iters 50000] [--null-iters 500000] [--variants a,b,c] [--csv out.csv]
+//!     [--png out.png] [--gpu-name NAME] [--sim] [--blocks 100000]
+//! cargo run --release --bin streamalloc-bench -- --plot-only combined.csv --png out.png
+//! ```
+
+mod backend;
+mod heap;
+mod plot;
+mod workload;
+
+use backend::{BenchDevice, DeviceBackend, make_streams};
+use plot::Row;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use streamalloc::sim::NullDriver;
+use streamalloc::{SeedReplica, StreamAlloc, UsageStream};
+use workload::{HandleApi, PtrApi, RawDriver, Workload};
+
+#[global_allocator]
+static GLOBAL: heap::CountingAlloc = heap::CountingAlloc;
+
+/// Which driver a variant runs on.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+enum On {
+    /// The GPU (or the simulated device when there is none).
+    Device,
+    /// The GPU only: skipped on the simulated device.
+    GpuOnly,
+    /// The null driver: bookkeeping alone.
+    Null,
+}
+
+/// A measured variant: its name (the CSV's `variant`) and its driver.
+struct Variant {
+    name: &'static str,
+    on: On,
+}
+
+/// Every variant, in the order they run and are tabulated. To add one: a line here and an
+/// arm in [`measure`].
+const VARIANTS: &[Variant] = &[
+    Variant { name: "raw_driver", on: On::GpuOnly },
+    Variant { name: "seed_replica", on: On::Device },
+    Variant { name: "streamalloc", on: On::Device },
+    Variant { name: "streamalloc_handle", on: On::Device },
+    Variant { name: "seed_replica_null", on: On::Null },
+    Variant { name: "streamalloc_null", on: On::Null },
+];
+
+/// One measurement of variant `name` on `dev` (a fresh allocator each time).
+fn measure<D: BenchDevice>(
+    name: &str,
+    dev: &Arc<D>,
+    streams: &[UsageStream],
+    threads: usize,
+    iters: u64,
+) -> Result<f64, String> {
+    fn go<W: Workload, D: BenchDevice>(
+        w: &W,
+        dev: &Arc<D>,
+        streams: &[UsageStream],
+        threads: usize,
+        iters: u64,
+    ) -> Result<f64, String> {
+        workload::run(w, streams, &|s| dev.sync(s), threads, iters)
+    }
+    let err = |e: streamalloc::Error| e.to_string();
+    match name {
+        "raw_driver" => go(&RawDriver(&**dev), dev, streams, threads, iters),
+        "seed_replica" | "seed_replica_null" => {
+            let a = SeedReplica::new(dev.clone()).map_err(err)?;
+            go(&PtrApi(&a), dev, streams, threads, iters)
+        }
+        "streamalloc" | "streamalloc_null" => {
+            let a = StreamAlloc::new(dev.clone()).map_err(err)?;
+            go(&PtrApi(&a), dev, streams, threads, iters)
+        }
+        "streamalloc_handle" => {
+            let a = StreamAlloc::new(dev.clone()).map_err(err)?;
+            go(&HandleApi(&a), dev, streams, threads, iters)
+        }
+        other => Err(format!("variant {other} has no measurement")),
+    }
+}
+
+/// Command-line options.
+struct Opts {
+    max_threads: usize,
+    reps: usize,
+    iters: u64,
+    null_iters: Option<u64>,
+    variants: Option<Vec<String>>,
+    csv: Option<PathBuf>,
+    png: Option<PathBuf>,
+    gpu_name: Option<String>,
+    plot_only: Option<PathBuf>,
+    force_sim: bool,
+    blocks: usize,
+}
+
+const USAGE: &str = "\
+streamalloc-bench: alloc+free throughput against threads (the PyTorch anchor's workload)
+
+USAGE:
+  streamalloc-bench [OPTIONS]
+  streamalloc-bench --plot-only CSV --png OUT [--gpu-name NAME]
+
+OPTIONS:
+  --max-threads N    thread counts 1, 2, 4, ... up to N (default 16)
+  --reps N           measurements per variant and thread count, median reported (default 3)
+  --iters N          timed steps per thread for driver variants (default 50000)
+  --null-iters N     timed steps per thread for *_null variants (default 10 x --iters)
+  --variants a,b,c   variants to run (default: all that apply to the device found)
+  --csv PATH         write CSV rows gpu,variant,threads,mpairs_per_s (medians)
+  --png PATH         plot throughput against threads into a PNG
+  --gpu-name NAME    the gpu column and plot title (default: the device's name, or sim)
+  --sim              use the simulated device even if a GPU is found
+  --blocks N         live blocks for the bytes-per-block count (default 100000; 0: skip)
+  --plot-only CSV    re-plot an existing CSV into --png and exit
+";
+
+fn parse_args() -> Result<Opts, String> {
+    let mut o = Opts {
+        max_threads: 16,
+        reps: 3,
+        iters: 50_000,
+        null_iters: None,
+        variants: None,
+        csv: None,
+        png: None,
+        gpu_name: None,
+        plot_only: None,
+        force_sim: false,
+        blocks: 100_000,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        let mut val = || args.next().ok_or_else(|| format!("{a} needs a value"));
+        let num = |v: String| v.parse::<u64>().map_err(|_| format!("{a}: not a number: {v}"));
+        match a.as_str() {
+            "--max-threads" => o.max_threads = num(val()?)?.max(1) as usize,
+            "--reps" => o.reps = num(val()?)?.max(1) as usize,
+            "--iters" => o.iters = num(val()?)?,
+            "--null-iters" => o.null_iters = Some(num(val()?)?),
+            "--variants" => {
+                o.variants = Some(val()?.split(',').map(|s| s.trim().to_string()).collect())
+            }
+            "--csv" => o.csv = Some(val()?.into()),
+            "--png" => o.png = Some(val()?.into()),
+            "--gpu-name" => o.gpu_name = Some(val()?),
+            "--plot-only" => o.plot_only = Some(val()?.into()),
+            "--blocks" => o.blocks = num(val()?)? as usize,
+            "--sim" => o.force_sim = true,
+            "-h" | "--help" => {
+                print!("{USAGE}");
+                std::process::exit(0);
+            }
+            _ => return Err(format!("unknown argument {a}\n\n{USAGE}")),
+        }
+    }
+    Ok(o)
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    if v.is_empty() || v.iter().any(|x| x.is_nan()) {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
+}
+
+/// Formats a throughput with three significant digits.
+fn fmt3(x: f64) -> String {
+    if !x.is_finite() {
+        "failed".to_string()
+    } else if x >= 100.0 {
+        format!("{x:.0}")
+    } else if x >= 10.0 {
+        format!("{x:.1}")
+    } else if x >= 1.0 {
+        format!("{x:.2}")
+    } else {
+        format!("{x:.3}")
+    }
+}
+
+fn main() {
+    let opts = match parse_args() {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("{e}");
+            std::process::exit(2);
+        }
+    };
+    if let Err(e) = real_main(opts) {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn real_main(o: Opts) -> Result<(), String> {
+    if let Some(csv) = &o.plot_only {
+        let png = o.png.as_ref().ok_or("--plot-only needs --png OUT")?;
+        let text = std::fs::read_to_string(csv).map_err(|e| format!("{}: {e}", csv.display()))?;
+        let rows = plot::parse_csv(&text)?;
+        plot::plot(&rows, png, o.gpu_name.as_deref())?;
+        println!("plotted {} rows of {} into {}", rows.len(), csv.display(), png.display());
+        return Ok(());
+    }
+
+    // Which variants, on which devices.
+    if let Some(names) = &o.variants {
+        for n in names {
+            if !VARIANTS.iter().any(|v| v.name == n) {
+                let all: Vec<&str> = VARIANTS.iter().map(|v| v.name).collect();
+                return Err(format!("unknown variant {n}; known: {}", all.join(",")));
+            }
+        }
+    }
+    let wanted = |v: &Variant| o.variants.as_ref().is_none_or(|n| n.iter().any(|n| n == v.name));
+    let needs_device = VARIANTS.iter().any(|v| wanted(v) && v.on != On::Null);
+    let (device, sim_reason) = if needs_device {
+        let (d, why) = DeviceBackend::pick(o.force_sim);
+        (Some(d), why)
+    } else {
+        (None, None)
+    };
+    let is_gpu = device.as_ref().is_some_and(DeviceBackend::is_gpu);
+    let selected: Vec<&Variant> = VARIANTS
+        .iter()
+        .filter(|v| wanted(v))
+        .filter(|v| {
+            let skip = v.on == On::GpuOnly && !is_gpu;
+            if skip {
+                println!("skipping {} (GPU only; running on the simulated device)", v.name);
+            }
+            !skip
+        })
+        .collect();
+    let gpu = o.gpu_name.clone().unwrap_or_else(|| match &device {
+        Some(d) => d.card_name(),
+        None => "cpu".to_string(),
+    });
+    match (&device, &sim_reason) {
+        (Some(DeviceBackend::Cuda(d)), _) => println!(
+            "device: GPU {} (CUDA driver {}), context policy Cached",
+            d.device_name(0).unwrap_or_default(),
+            d.driver_version()
+        ),
+        (Some(DeviceBackend::Sim(_)), why) => println!(
+            "device: simulated (SimDriver, one mutex: numbers show the harness works, not \
+             GPU speed); no GPU because: {}",
+            why.as_deref().unwrap_or("?")
+        ),
+        (None, _) => println!("device: none needed (null-driver variants only)"),
+    }
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let null_iters = o.null_iters.unwrap_or(o.iters.saturating_mul(10));
+    println!(
+        "host: {cores} cores; iters per thread: {} (driver variants), {null_iters} (null \
+         variants); reps: {}; gpu column: {gpu}",
+        o.iters, o.reps
+    );
+    let thread_counts: Vec<usize> = std::iter::successors(Some(1usize), |t| Some(t * 2))
+        .take_while(|&t| t <= o.max_threads)
+        .collect();
+
+    // Streams: one per worker thread, made once per device and reused.
+    let null = Arc::new(NullDriver::new(1));
+    let null_streams = make_streams(&*null, o.max_threads)?;
+    let device_streams = match &device {
+        Some(d) => {
+            d.init()?;
+            Some(match d {
+                DeviceBackend::Cuda(c) => make_streams(&**c, o.max_threads)?,
+                DeviceBackend::Sim(s) => make_streams(&**s, o.max_threads)?,
+            })
+        }
+        None => None,
+    };
+
+    // Bookkeeping bytes per live block, on the null driver (first: it takes a moment
+    // and the partial CSVs written after each rep carry it).
+    let mut extra_rows = Vec::new();
+    if o.blocks > 0 {
+        let stream = null_streams[0].stream;
+        let sa = StreamAlloc::new(null.clone()).map_err(|e| e.to_string())?;
+        let per = heap::bytes_per_live_block(&sa, stream, o.blocks)?;
+        drop(sa);
+        let sr = SeedReplica::new(null.clone()).map_err(|e| e.to_string())?;
+        let per_seed = heap::bytes_per_live_block(&sr, stream, o.blocks)?;
+        println!(
+            "bookkeeping heap bytes per live block ({} live blocks, null driver): streamalloc \
+             {per:.1}, seed_replica {per_seed:.1} (target: under 128)",
+            o.blocks
+        );
+        for (name, value) in
+            [("bytes_per_live_block", per), ("bytes_per_live_block_seed_replica", per_seed)]
+        {
+            extra_rows.push(Row { gpu: gpu.clone(), variant: name.to_string(), threads: 0, value });
+        }
+    }
+
+    // Measurements: reps outside, variants inside, so drift hits every variant alike.
+    let mut results: BTreeMap<(&str, usize), Vec<f64>> = BTreeMap::new();
+    let mut failed: BTreeMap<&str, String> = BTreeMap::new();
+    for rep in 0..o.reps {
+        for v in &selected {
+            if failed.contains_key(v.name) {
+                continue;
+            }
+            for &t in &thread_counts {
+                let r = match (v.on, &device, &device_streams) {
+                    (On::Null, _, _) => measure(v.name, &null, &null_streams, t, null_iters),
+                    (_, Some(DeviceBackend::Cuda(d)), Some(s)) => measure(v.name, d, s, t, o.iters),
+                    (_, Some(DeviceBackend::Sim(d)), Some(s)) => measure(v.name, d, s, t, o.iters),
+                    _ => Err("no device".to_string()),
+                };
+                match r {
+                    Ok(x) => {
+                        println!(
+                            "rep {} {:<22} threads {t:>2}: {} M pairs/s",
+                            rep + 1,
+                            v.name,
+                            fmt3(x)
+                        );
+                        results.entry((v.name, t)).or_default().push(x);
+                    }
+                    Err(e) => {
+                        println!("rep {} {:<22} threads {t:>2}: FAILED: {e}", rep + 1, v.name);
+                        failed.insert(v.name, e);
+                        break;
+                    }
+                }
+            }
+        }
+        // A partial CSV after every rep: a run cut short still leaves its numbers.
+        if let Some(path) = &o.csv {
+            let rows = median_rows(&gpu, &selected, &thread_counts, &results, &failed);
+            write_csv(path, &rows, &extra_rows)?;
+        }
+    }
+    if let (Some(d), Some(streams)) = (&device, &device_streams) {
+        for &s in streams {
+            match d {
+                DeviceBackend::Cuda(c) => c.release_stream(s),
+                DeviceBackend::Sim(m) => m.release_stream(s),
+            }
+        }
+    }
+    if let Some(DeviceBackend::Sim(sim)) = &device {
+        let reports = sim.reports();
+        println!("simulated device checker: {} ordering reports", reports.len());
+        for r in reports.iter().take(5) {
+            println!("  {r}");
+        }
+    }
+
+    let rows = median_rows(&gpu, &selected, &thread_counts, &results, &failed);
+    if let Some(path) = &o.csv {
+        write_csv(path, &rows, &extra_rows)?;
+        println!("wrote {}", path.display());
+    }
+    if let Some(path) = &o.png {
+        match plot::plot(&rows, path, Some(&gpu)) {
+            Ok(()) => println!("wrote {}", path.display()),
+            Err(e) => println!("plot failed: {e}"),
+        }
+    }
+    for (name, e) in &failed {
+        println!("{name} failed: {e}");
+    }
+    print_table(&gpu, &selected, &thread_counts, &rows, o.reps);
+    Ok(())
+}
+
+/// The median over reps of each variant and thread count measured (NaN for a variant
+/// that failed).
+fn median_rows(
+    gpu: &str,
+    selected: &[&Variant],
+    thread_counts: &[usize],
+    results: &BTreeMap<(&str, usize), Vec<f64>>,
+    failed: &BTreeMap<&str, String>,
+) -> Vec<Row> {
+    let mut rows = Vec::new();
+    for v in selected {
+        for &t in thread_counts {
+            if let Some(xs) = results.get(&(v.name, t)) {
+                let value =
+                    if failed.contains_key(v.name) { f64::NAN } else { median(&mut xs.clone()) };
+                rows.push(Row {
+                    gpu: gpu.to_string(),
+                    variant: v.name.to_string(),
+                    threads: t,
+                    value,
+                });
+            }
+        }
+    }
+    rows
+}
+
+/// Writes the CSV: header, throughput rows, then the extra rows (bytes per block).
+fn write_csv(path: &std::path::Path, rows: &[Row], extra: &[Row]) -> Result<(), String> {
+    let mut text = format!("{}\n", plot::HEADER);
+    for r in rows.iter().chain(extra) {
+        text.push_str(&r.to_csv());
+        text.push('\n');
+    }
+    std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+fn print_table(gpu: &str, selected: &[&Variant], threads: &[usize], rows: &[Row], reps: usize) {
+    println!();
+    println!("M alloc+free pairs/s, aggregate (median of {reps}), {gpu}");
+    let width = |v: &Variant| v.name.len().max(7);
+    let mut head = format!("{:>7}", "threads");
+    for v in selected {
+        head.push_str(&format!("  {:>w$}", v.name, w = width(v)));
+    }
+    println!("{head}");
+    for &t in threads {
+        let mut line = format!("{t:>7}");
+        for v in selected {
+            let x = rows
+                .iter()
+                .find(|r| r.variant == v.name && r.threads == t)
+                .map_or("-".to_string(), |r| fmt3(r.value));
+            line.push_str(&format!("  {:>w$}", x, w = width(v)));
+        }
+        println!("{line}");
+    }
+}

@@ -1,0 +1,201 @@
+//! The measured workload, copied from the PyTorch anchor (`anchors/torch_bench.cpp`) so
+//! that its rows and ours are comparable:
+//!
+//! - T threads, each with its own non-blocking stream and a ring of [`WINDOW`] live blocks;
+//! - every step frees the oldest block of the ring and allocates a new one (one "pair");
+//! - sizes from the anchor's LCG, [`size_of`]`(i + t * 7919)`;
+//! - a warm-up of `iters / 10` steps, a stream synchronize, then a barrier; the clock
+//!   runs from that barrier to the one after the timed steps and their stream
+//!   synchronize;
+//! - the result is the aggregate: `T * iters / seconds / 1e6` (million pairs per second).
+//!
+//! The operations are behind [`Workload`], so a new variant (a new allocator, or another
+//! API of one) is one small adapter type.
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::{Barrier, Mutex};
+use std::time::Instant;
+use streamalloc::{
+    Block, Device, DevicePtr, Driver, Stream, StreamAlloc, StreamOrderedAllocator, UsageStream,
+};
+
+/// Live blocks per thread (the anchor's `window`).
+pub const WINDOW: usize = 16;
+
+/// The device every variant allocates on.
+pub const DEVICE: Device = 0;
+
+/// The anchor's size sequence: {512 B, 4 KiB, 64 KiB, 1 MiB, 1.5 MiB, 256 KiB}, picked
+/// by a 64-bit LCG step of `i`.
+#[inline]
+pub fn size_of(i: u64) -> usize {
+    const SIZES: [usize; 6] = [512, 4096, 65536, 1 << 20, 3 << 19, 256 << 10];
+    let x = i.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407) >> 33;
+    SIZES[(x % 6) as usize]
+}
+
+/// One way of allocating and freeing: what a variant measures.
+pub trait Workload: Sync {
+    /// What the ring holds for one live block.
+    type Slot;
+    /// Allocates `size` bytes on device [`DEVICE`], ordered on `stream`.
+    fn alloc(&self, size: usize, stream: Stream) -> Result<Self::Slot, String>;
+    /// Frees a block from [`Self::alloc`].
+    fn free(&self, slot: Self::Slot) -> Result<(), String>;
+}
+
+/// The driver's own `malloc_async` / `free_async`, no bookkeeping at all.
+pub struct RawDriver<'a, D: Driver>(pub &'a D);
+
+impl<D: Driver> Workload for RawDriver<'_, D> {
+    type Slot = (DevicePtr, usize, Stream);
+    #[inline]
+    fn alloc(&self, size: usize, stream: Stream) -> Result<Self::Slot, String> {
+        let ptr = self.0.malloc_async(DEVICE, size, stream).map_err(|e| e.to_string())?;
+        Ok((ptr, size, stream))
+    }
+    #[inline]
+    fn free(&self, (ptr, size, stream): Self::Slot) -> Result<(), String> {
+        self.0.free_async(DEVICE, ptr, size, stream).map_err(|e| e.to_string())
+    }
+}
+
+/// Any [`StreamOrderedAllocator`] through its pointer API (`malloc` / `free`).
+pub struct PtrApi<'a, A: StreamOrderedAllocator + ?Sized>(pub &'a A);
+
+impl<A: StreamOrderedAllocator + ?Sized> Workload for PtrApi<'_, A> {
+    type Slot = DevicePtr;
+    #[inline]
+    fn alloc(&self, size: usize, stream: Stream) -> Result<DevicePtr, String> {
+        self.0.malloc(DEVICE, size, stream).map_err(|e| e.to_string())
+    }
+    #[inline]
+    fn free(&self, ptr: DevicePtr) -> Result<(), String> {
+        self.0.free(ptr).map_err(|e| e.to_string())
+    }
+}
+
+/// [`StreamAlloc`]'s handle API: `allocate` gives a [`Block`], dropping it frees it (the
+/// way PyTorch's `DataPtr` is used). A failed free on drop is only logged.
+pub struct HandleApi<'a, D: Driver>(pub &'a StreamAlloc<D>);
+
+impl<'a, D: Driver> Workload for HandleApi<'a, D> {
+    type Slot = Block<'a, D>;
+    #[inline]
+    fn alloc(&self, size: usize, stream: Stream) -> Result<Block<'a, D>, String> {
+        self.0.allocate(DEVICE, size, stream).map_err(|e| e.to_string())
+    }
+    #[inline]
+    fn free(&self, block: Block<'a, D>) -> Result<(), String> {
+        drop(block);
+        Ok(())
+    }
+}
+
+/// Runs `f`, turning a panic into an error so that the other threads still reach their
+/// barriers (a panicking worker must not hang the whole run).
+fn guarded(f: impl FnOnce() -> Result<(), String>) -> Result<(), String> {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(p) => Err(p
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| p.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "panic".to_string())),
+    }
+}
+
+/// `iters` ring steps (step `i` frees slot `i % WINDOW` and allocates `size_of(i + salt)`),
+/// as the anchor's loops do.
+fn steps<W: Workload>(
+    w: &W,
+    ring: &mut [Option<W::Slot>],
+    stream: Stream,
+    salt: u64,
+    iters: u64,
+) -> Result<(), String> {
+    for i in 0..iters {
+        let k = (i % WINDOW as u64) as usize;
+        if let Some(old) = ring[k].take() {
+            w.free(old)?;
+        }
+        ring[k] = Some(w.alloc(size_of(i + salt), stream)?);
+    }
+    Ok(())
+}
+
+/// Runs the workload on `threads` threads (thread `t` on `streams[t]`), `iters` timed
+/// steps each; `sync` waits for a stream's work. Returns million pairs per second,
+/// aggregated over the threads, or the first error a thread met.
+pub fn run<W: Workload>(
+    w: &W,
+    streams: &[UsageStream],
+    sync: &(dyn Fn(UsageStream) -> Result<(), String> + Sync),
+    threads: usize,
+    iters: u64,
+) -> Result<f64, String> {
+    assert!(streams.len() >= threads, "one stream per thread");
+    let barrier = Barrier::new(threads + 1);
+    let failure: Mutex<Option<String>> = Mutex::new(None);
+    let fail = |e: String| {
+        let mut f = failure.lock().unwrap_or_else(|p| p.into_inner());
+        f.get_or_insert(e);
+    };
+    let seconds = std::thread::scope(|s| {
+        for (t, &stream) in streams.iter().enumerate().take(threads) {
+            let (barrier, fail) = (&barrier, &fail);
+            s.spawn(move || {
+                let salt = t as u64 * 7919;
+                let mut ring: Vec<Option<W::Slot>> = (0..WINDOW).map(|_| None).collect();
+                // Fill the ring, warm up (not timed), drain the stream.
+                let mut ok = guarded(|| {
+                    for (k, slot) in ring.iter_mut().enumerate() {
+                        *slot = Some(w.alloc(size_of(k as u64 + salt), stream.stream)?);
+                    }
+                    steps(w, &mut ring, stream.stream, salt, iters / 10)?;
+                    sync(stream)
+                });
+                barrier.wait();
+                if ok.is_ok() {
+                    ok = guarded(|| {
+                        steps(w, &mut ring, stream.stream, salt, iters)?;
+                        sync(stream)
+                    });
+                }
+                barrier.wait();
+                let drained = guarded(|| {
+                    for slot in ring.iter_mut() {
+                        if let Some(old) = slot.take() {
+                            w.free(old)?;
+                        }
+                    }
+                    sync(stream)
+                });
+                if let Err(e) = ok.and(drained) {
+                    fail(format!("thread {t}: {e}"));
+                }
+            });
+        }
+        barrier.wait();
+        let t0 = Instant::now();
+        barrier.wait();
+        t0.elapsed().as_secs_f64()
+    });
+    if let Some(e) = failure.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        return Err(e);
+    }
+    Ok(threads as f64 * iters as f64 / seconds / 1e6)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_match_the_anchor() {
+        // The anchor's C++ `size_of(0..8)` (unsigned 64-bit wrapping arithmetic).
+        let want = [262144, 65536, 1572864, 262144, 65536, 1572864, 262144, 65536];
+        let got: Vec<usize> = (0..8).map(size_of).collect();
+        assert_eq!(got, want);
+    }
+}
