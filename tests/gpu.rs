@@ -151,6 +151,7 @@ fn find(snap: &[BlockSnapshot], ptr: DevicePtr) -> Option<&BlockSnapshot> {
 
 #[test]
 fn gpu_tests_report_skip() {
+    let _g = shared(); // cuMemGetInfo must not meet a Global-mode capture
     match gpu() {
         None => skipped!(
             "SKIPPED (no CUDA driver/GPU) {} GPU tests: {}",
