@@ -5,6 +5,7 @@ pub mod api;
 pub mod cuda;
 pub mod driver;
 pub mod error;
+pub mod sim;
 pub mod types;
 
 pub use api::{BlockSnapshot, DeviceStats, StreamOrderedAllocator};
