@@ -119,7 +119,12 @@ fn s3_driver_oom_is_reported_and_recovered() {
         assert_eq!(oom.allocated, CAPACITY - (1 << 20));
         assert_eq!(oom.limit, u64::MAX);
         assert!(e.to_string().contains("unlimited"));
-        assert_eq!(s.alloc.used_bytes(0), CAPACITY - (1 << 20), "{}: failed alloc leaks no bytes", s.kind);
+        assert_eq!(
+            s.alloc.used_bytes(0),
+            CAPACITY - (1 << 20),
+            "{}: failed alloc leaks no bytes",
+            s.kind
+        );
         s.alloc.free(p).unwrap();
         let q = s.alloc.malloc(0, 2 << 20, NULL).unwrap();
         s.alloc.free(q).unwrap();
@@ -616,7 +621,7 @@ fn capture_scenarios_agree_between_core_and_replica() {
 #[test]
 fn block_handle_frees_on_drop() {
     use std::sync::Arc;
-    use streamalloc::{sim::SimDriver, StreamAlloc, StreamOrderedAllocator};
+    use streamalloc::{StreamAlloc, StreamOrderedAllocator, sim::SimDriver};
     let sim = Arc::new(SimDriver::with_devices(1, CAPACITY));
     let alloc = StreamAlloc::new(sim.clone()).unwrap();
     let st = UsageStream::new(sim.new_stream(0), 0);

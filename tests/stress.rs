@@ -8,8 +8,8 @@
 mod common;
 
 use common::CAPACITY;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use streamalloc::sim::SimDriver;
 use streamalloc::{DevicePtr, Error, StreamAlloc, StreamOrderedAllocator, UsageStream};
@@ -41,7 +41,8 @@ fn run(min_ops: u64, min_time: Duration) {
                 let dev = t % devices;
                 let mine = UsageStream::new(sim.new_stream(dev), dev);
                 let helper = UsageStream::new(sim.new_stream(dev), dev);
-                let peer = UsageStream::new(sim.new_stream((dev + 1) % devices), (dev + 1) % devices);
+                let peer =
+                    UsageStream::new(sim.new_stream((dev + 1) % devices), (dev + 1) % devices);
                 let mut live: Vec<DevicePtr> = Vec::new();
                 let mut n = 0u64;
                 while !stop.load(Ordering::Relaxed) {
@@ -82,7 +83,8 @@ fn run(min_ops: u64, min_time: Duration) {
                         }
                         97 => {
                             // Bad input mixed in: must be a typed error, books intact.
-                            let bogus = DevicePtr::from_raw(0xdead_beef_000 + (rng.next() % 64) * 512);
+                            let bogus =
+                                DevicePtr::from_raw(0xdead_beef_000 + (rng.next() % 64) * 512);
                             assert!(matches!(
                                 alloc.free(bogus),
                                 Err(Error::UnknownPointer { .. } | Error::DoubleFree { .. })

@@ -25,7 +25,8 @@ impl Subject {
     pub fn assert_books(&self) {
         let snap = self.alloc.snapshot();
         for d in 0..self.alloc.device_count() {
-            let live: u64 = snap.iter().filter(|b| b.creation_stream.device == d).map(|b| b.size).sum();
+            let live: u64 =
+                snap.iter().filter(|b| b.creation_stream.device == d).map(|b| b.size).sum();
             assert_eq!(self.alloc.used_bytes(d), live, "{}: used bytes of device {d}", self.kind);
         }
     }
