@@ -87,9 +87,48 @@ def _build_shim():
     src = os.environ.get("STREAMALLOC_SHIM_SRC", os.path.join(_HERE, "torch_shim.cpp"))
     if not os.path.exists(src):
         src = os.path.join(_HERE, "..", "torch_shim.cpp")
-    return cpp_extension.load(
-        name="streamalloc_torch_shim", sources=[src], build_directory=cache,
-        extra_ldflags=["-ldl"], with_cuda=True, verbose=bool(os.environ.get("STREAMALLOC_VERBOSE")))
+    try:
+        return cpp_extension.load(
+            name="streamalloc_torch_shim", sources=[src], build_directory=cache,
+            extra_ldflags=["-ldl"], with_cuda=True,
+            verbose=bool(os.environ.get("STREAMALLOC_VERBOSE")))
+    except Exception as e:  # typically: ninja missing. Build with g++ directly.
+        first = e
+    try:
+        return _build_shim_gxx(cpp_extension, src, cache)
+    except Exception as e:
+        raise RuntimeError(f"cpp_extension.load: {first}; direct g++ build: {e}") from e
+
+
+def _build_shim_gxx(ce, src, cache):
+    """Builds the shim with g++ without ninja (same flags as cpp_extension uses)."""
+    import importlib.util
+    import subprocess
+    import sysconfig
+    import torch
+    out = os.path.join(cache, "streamalloc_torch_shim_gxx.so")
+    if not os.path.exists(out) or os.path.getmtime(out) < os.path.getmtime(src):
+        try:
+            incs, libs = ce.include_paths("cuda"), ce.library_paths("cuda")
+        except TypeError:  # older torch
+            incs, libs = ce.include_paths(cuda=True), ce.library_paths(cuda=True)
+        abi = getattr(ce, "_get_pybind11_abi_build_flags", lambda: [])()
+        cxx11 = int(getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", True))
+        cmd = (["g++", "-O2", "-shared", "-fPIC", "-std=c++17", src, "-o", out + ".tmp",
+                "-DTORCH_EXTENSION_NAME=streamalloc_torch_shim", "-DTORCH_API_INCLUDE_EXTENSION_H",
+                f"-D_GLIBCXX_USE_CXX11_ABI={cxx11}", "-I" + sysconfig.get_paths()["include"]]
+               + abi + ["-I" + d for d in incs] + ["-L" + d for d in libs]
+               + ["-Wl,-rpath," + d for d in libs]
+               + ["-lc10", "-lc10_cuda", "-ltorch", "-ltorch_cpu", "-ltorch_cuda", "-ltorch_python",
+                  "-lcudart", "-ldl"])
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError("g++ failed: " + r.stderr[-4000:])
+        os.replace(out + ".tmp", out)
+    spec = importlib.util.spec_from_file_location("streamalloc_torch_shim", out)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def install(lib_path=None, require_shim=True):
