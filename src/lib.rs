@@ -2,6 +2,7 @@
 #![warn(missing_docs)]
 
 pub mod api;
+pub mod capi;
 pub mod cuda;
 pub mod driver;
 pub mod error;

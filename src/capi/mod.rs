@@ -1,0 +1,518 @@
+//! The C ABI: `libstreamalloc.so`, a drop-in for PyTorch's
+//! `torch.cuda.memory.CUDAPluggableAllocator` (and any C or C++ client).
+//!
+//! ```text
+//!   PyTorch ──(alloc/free hooks, or the C++ shim)──▶ extern "C" fns (this module)
+//!                                                        │ catch_unwind, checked ints,
+//!                                                        │ thread-local last error
+//!                                                        ▼
+//!                                    one global StreamAlloc<Arc<dyn Driver>>
+//!                                    (CudaDriver, Guarded contexts; or SimDriver)
+//! ```
+//!
+//! `streamalloc.h` beside this file documents every function for C callers.
+//!
+//! # Errors
+//! Every call that can fail sets the calling thread's *last error* (a code from
+//! [`ErrorCode`] and a message); a call that succeeds clears it. The query functions
+//! ([`streamalloc_last_error`], [`streamalloc_last_error_code`],
+//! [`streamalloc_backend`]) leave it alone. No panic crosses the boundary: a panic
+//! becomes [`ErrorCode::Panic`] with the panic's message.
+//!
+//! # The global allocator
+//! Created on first use (any call other than the error queries and
+//! [`streamalloc_init`]): with `STREAMALLOC_BACKEND=sim` a simulated device
+//! (`STREAMALLOC_SIM_DEVICES`, default 1, of `STREAMALLOC_SIM_CAPACITY` bytes, default
+//! 1 GiB); otherwise the CUDA driver found by [`crate::cuda::detect`], with the default
+//! [`crate::cuda::ContextPolicy::Guarded`] policy because the host application (PyTorch)
+//! owns the current context. Without either, every call fails with
+//! [`ErrorCode::NoBackend`] and a message saying why.
+
+use crate::api::{DeviceStats, StreamOrderedAllocator};
+use crate::driver::Driver;
+use crate::error::Error;
+use crate::sim::SimDriver;
+use crate::types::{Device, DevicePtr, Stream, UsageStream};
+use crate::{StreamAlloc, cuda};
+use std::cell::RefCell;
+use std::ffi::{CStr, c_char, c_double, c_int, c_void};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+
+#[cfg(test)]
+mod tests;
+
+/// A CUDA stream handle as C sees it (`cudaStream_t` / `CUstream`).
+pub type CudaStream = *mut c_void;
+
+/// The codes of the thread-local last error (`streamalloc_last_error_code`).
+#[repr(i32)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum ErrorCode {
+    /// No error.
+    None = 0,
+    /// Out of memory: the device, or the limit set with a memory fraction (or >= 1 EiB).
+    OutOfMemory = 1,
+    /// A bad argument: device index, memory fraction, unknown pointer, double free,
+    /// a null output pointer.
+    InvalidArgument = 2,
+    /// A CUDA driver call failed.
+    Driver = 3,
+    /// Capture misuse: a capture begun while one is underway, or ended with none.
+    Capture = 4,
+    /// A panic inside the library (a bug); the allocator keeps working.
+    Panic = 5,
+    /// No backend: no CUDA driver or device, and `STREAMALLOC_BACKEND=sim` not set.
+    NoBackend = 6,
+}
+
+impl ErrorCode {
+    /// The code of a library error.
+    pub fn of(e: &Error) -> Self {
+        match e {
+            Error::OutOfMemory(_) | Error::TooLarge { .. } => ErrorCode::OutOfMemory,
+            Error::UnknownPointer { .. }
+            | Error::DoubleFree { .. }
+            | Error::InvalidDevice { .. }
+            | Error::InvalidFraction { .. } => ErrorCode::InvalidArgument,
+            Error::CaptureAlreadyUnderway | Error::NoCaptureUnderway => ErrorCode::Capture,
+            Error::Driver(_) => ErrorCode::Driver,
+        }
+    }
+}
+
+/// Device statistics for C (`streamalloc_stats` in the header), from [`DeviceStats`].
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct StreamallocStats {
+    /// Bytes the device's pool has reserved now.
+    pub reserved_current: u64,
+    /// High watermark of reserved bytes (since the last peak reset).
+    pub reserved_peak: u64,
+    /// Bytes the pool has handed out now.
+    pub used_current: u64,
+    /// High watermark of handed-out bytes (since the last peak reset).
+    pub used_peak: u64,
+    /// Bytes in live allocations made through this allocator.
+    pub allocated_current: u64,
+    /// Bytes held in the allocator's own cache (0 without a front cache).
+    pub cached_current: u64,
+    /// Allocations served from the allocator's cache.
+    pub hits: u64,
+    /// Allocations that went to the driver.
+    pub misses: u64,
+}
+
+impl From<DeviceStats> for StreamallocStats {
+    fn from(s: DeviceStats) -> Self {
+        StreamallocStats {
+            reserved_current: s.reserved_current,
+            reserved_peak: s.reserved_peak,
+            used_current: s.used_current,
+            used_peak: s.used_peak,
+            allocated_current: s.allocated_current,
+            cached_current: s.cached_current,
+            hits: s.cache_hits,
+            misses: s.cache_misses,
+        }
+    }
+}
+
+// ----- the thread-local last error -----
+
+/// A failure at the boundary: a code and its message.
+struct Failure {
+    code: ErrorCode,
+    message: String,
+}
+
+impl From<Error> for Failure {
+    fn from(e: Error) -> Self {
+        Failure { code: ErrorCode::of(&e), message: e.to_string() }
+    }
+}
+
+impl Failure {
+    fn invalid(message: impl Into<String>) -> Self {
+        Failure { code: ErrorCode::InvalidArgument, message: message.into() }
+    }
+}
+
+thread_local! {
+    static LAST_ERROR: RefCell<(ErrorCode, String)> = const { RefCell::new((ErrorCode::None, String::new())) };
+}
+
+fn set_last_error(code: ErrorCode, message: String) {
+    // try_with: during thread teardown the slot may be gone; then the error is dropped.
+    let _ = LAST_ERROR.try_with(|e| *e.borrow_mut() = (code, message));
+}
+
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "unknown panic payload".to_string()
+    }
+}
+
+/// Runs `f` with the boundary's rules: the last error is cleared first, set on failure
+/// (`fallback` is returned then), and a panic is caught and reported as
+/// [`ErrorCode::Panic`].
+fn boundary<T>(fallback: T, f: impl FnOnce() -> Result<T, Failure>) -> T {
+    set_last_error(ErrorCode::None, String::new());
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(Ok(v)) => v,
+        Ok(Err(failure)) => {
+            set_last_error(failure.code, failure.message);
+            fallback
+        }
+        Err(payload) => {
+            let msg = format!("panic inside streamalloc: {}", panic_message(&*payload));
+            set_last_error(ErrorCode::Panic, msg);
+            fallback
+        }
+    }
+}
+
+/// [`boundary`] for functions that return a status code.
+fn status(f: impl FnOnce() -> Result<(), Failure>) -> c_int {
+    boundary((), f);
+    last_error_code() as c_int
+}
+
+fn last_error_code() -> ErrorCode {
+    LAST_ERROR.try_with(|e| e.borrow().0).unwrap_or(ErrorCode::None)
+}
+
+// ----- the global allocator -----
+
+/// The process-wide allocator and the name of its backend.
+pub(crate) struct Global {
+    pub(crate) alloc: StreamAlloc<Arc<dyn Driver>>,
+    backend: &'static CStr,
+}
+
+static GLOBAL: OnceLock<Result<Global, String>> = OnceLock::new();
+
+/// Device count fixed by `streamalloc_init` before first use (0: ask the driver).
+static INIT_DEVICE_COUNT: AtomicUsize = AtomicUsize::new(0);
+
+fn env_u64(name: &str, default: u64) -> Result<u64, String> {
+    match std::env::var(name) {
+        Ok(v) => v.trim().parse().map_err(|_| format!("{name}={v:?} is not a number")),
+        Err(_) => Ok(default),
+    }
+}
+
+/// Builds the global allocator from the environment (see the module docs).
+fn create_global() -> Result<Global, String> {
+    let requested = INIT_DEVICE_COUNT.load(Ordering::Acquire);
+    let (driver, backend): (Arc<dyn Driver>, &'static CStr) =
+        if std::env::var("STREAMALLOC_BACKEND").is_ok_and(|b| b == "sim") {
+            let default_devices = if requested > 0 { requested as u64 } else { 1 };
+            let n = env_u64("STREAMALLOC_SIM_DEVICES", default_devices)? as usize;
+            let capacity = env_u64("STREAMALLOC_SIM_CAPACITY", 1 << 30)?;
+            (Arc::new(SimDriver::with_devices(n, capacity)), c"sim")
+        } else {
+            match cuda::detect() {
+                Ok(d) => (Arc::new(d), c"cuda"),
+                Err(e) => {
+                    return Err(format!(
+                        "streamalloc has no backend: no usable CUDA driver or device ({e}); \
+                         set STREAMALLOC_BACKEND=sim for the simulated device"
+                    ));
+                }
+            }
+        };
+    Ok(Global::new(driver, backend, requested))
+}
+
+impl Global {
+    /// An allocator over `driver` for `requested` devices (0 or more than the driver
+    /// has: every device the driver has).
+    pub(crate) fn new(driver: Arc<dyn Driver>, backend: &'static CStr, requested: usize) -> Self {
+        let available = driver.device_count().unwrap_or(requested);
+        let n = if requested == 0 || requested > available { available } else { requested };
+        Global { alloc: StreamAlloc::with_device_count(driver, n), backend }
+    }
+}
+
+/// Installs `global` as the process's allocator if none exists yet (tests).
+#[cfg(test)]
+pub(crate) fn install_global(global: Global) -> bool {
+    GLOBAL.set(Ok(global)).is_ok()
+}
+
+fn global() -> Result<&'static Global, Failure> {
+    GLOBAL
+        .get_or_init(create_global)
+        .as_ref()
+        .map_err(|msg| Failure { code: ErrorCode::NoBackend, message: msg.clone() })
+}
+
+fn alloc() -> Result<&'static StreamAlloc<Arc<dyn Driver>>, Failure> {
+    Ok(&global()?.alloc)
+}
+
+/// A C `int` device index, checked: negative or too large is [`Error::InvalidDevice`].
+fn device(a: &StreamAlloc<Arc<dyn Driver>>, device: c_int) -> Result<Device, Failure> {
+    let n = a.device_count();
+    match usize::try_from(device) {
+        Ok(d) if d < n => Ok(d),
+        _ => Err(Error::InvalidDevice { device: device as i64, device_count: n }.into()),
+    }
+}
+
+fn stream(s: CudaStream) -> Stream {
+    Stream::from_raw(s as usize)
+}
+
+fn dptr(p: *mut c_void) -> DevicePtr {
+    DevicePtr::from_raw(p as usize as u64)
+}
+
+/// The device of a live block: only for the hook that gets no device (multi-device).
+fn device_of(a: &StreamAlloc<Arc<dyn Driver>>, ptr: DevicePtr) -> Result<Device, Failure> {
+    if a.device_count() == 1 {
+        return Ok(0);
+    }
+    a.snapshot()
+        .iter()
+        .find(|b| b.ptr == ptr)
+        .map(|b| b.creation_stream.device)
+        .ok_or_else(|| Error::UnknownPointer { ptr }.into())
+}
+
+// ----- PyTorch's CUDAPluggableAllocator hooks -----
+
+/// Allocates `size` bytes on `device`, ordered on `stream`
+/// (`CUDAPluggableAllocator`'s alloc). NULL on failure (last error set) and for size 0
+/// (no error).
+#[unsafe(no_mangle)]
+pub extern "C" fn streamalloc_alloc(size: usize, device: c_int, stream: CudaStream) -> *mut c_void {
+    boundary(std::ptr::null_mut(), || {
+        let a = alloc()?;
+        let d = self::device(a, device)?;
+        let p = a.malloc(d, size, self::stream(stream))?;
+        Ok(p.as_raw() as usize as *mut c_void)
+    })
+}
+
+/// Frees `ptr` (`CUDAPluggableAllocator`'s free). `size`, `device` and `stream` are
+/// what PyTorch passes (the allocation's); the allocator uses its own records. Null is a
+/// no-op. Errors (unknown pointer, double free) set the last error.
+#[unsafe(no_mangle)]
+pub extern "C" fn streamalloc_free(
+    ptr: *mut c_void,
+    _size: usize,
+    _device: c_int,
+    _stream: CudaStream,
+) {
+    boundary((), || {
+        let r = alloc()?.free(dptr(ptr));
+        if let Err(e) = &r {
+            log::warn!("streamalloc_free({ptr:?}): {e}");
+        }
+        Ok(r?)
+    })
+}
+
+/// Sets the device count before first use (`CUDAPluggableAllocator`'s init hook).
+/// After the allocator exists this only checks the count.
+#[unsafe(no_mangle)]
+pub extern "C" fn streamalloc_init(device_count: c_int) {
+    boundary((), || {
+        let n = usize::try_from(device_count)
+            .map_err(|_| Failure::invalid(format!("invalid device count {device_count}")))?;
+        if GLOBAL.get().is_none() {
+            INIT_DEVICE_COUNT.store(n, Ordering::Release);
+        }
+        Ok(())
+    })
+}
+
+/// Empties the cache (`CUDAPluggableAllocator`'s reset hook, called by
+/// `torch.cuda.empty_cache()`): [`streamalloc_empty_cache`] without a status.
+#[unsafe(no_mangle)]
+pub extern "C" fn streamalloc_reset() {
+    streamalloc_empty_cache();
+}
+
+/// Limits the allocator's bytes on `device` to `fraction` of its memory (S7).
+#[unsafe(no_mangle)]
+pub extern "C" fn streamalloc_set_memory_fraction(fraction: c_double, device: c_int) {
+    boundary((), || {
+        let a = alloc()?;
+        let d = self::device(a, device)?;
+        Ok(a.set_memory_fraction(fraction, d)?)
+    })
+}
+
+/// The base allocation of `ptr` (S10): returns `ptr` and writes its size to `*size`
+/// (when `size` is not null). Unknown pointer: NULL and the last error.
+///
+/// # Safety
+/// `size` is null or valid for one `size_t` write.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn streamalloc_base_alloc(ptr: *mut c_void, size: *mut usize) -> *mut c_void {
+    boundary(std::ptr::null_mut(), || {
+        let (base, bytes) = alloc()?.base_allocation(dptr(ptr))?;
+        if !size.is_null() {
+            // Safety: the caller passes null or a pointer valid for one size_t write.
+            unsafe { size.write(bytes as usize) };
+        }
+        Ok(base.as_raw() as usize as *mut c_void)
+    })
+}
+
+/// Records that `ptr` is used on `stream` (S6) (`CUDAPluggableAllocator`'s
+/// record-stream hook). The hook gets no device: the stream is taken to belong to the
+/// pointer's device (with several devices, found by a scan of live blocks). Use
+/// [`streamalloc_record_stream_on`] when the stream's device is known.
+#[unsafe(no_mangle)]
+pub extern "C" fn streamalloc_record_stream(ptr: *mut c_void, stream: CudaStream) {
+    boundary((), || {
+        if ptr.is_null() {
+            return Ok(());
+        }
+        let a = alloc()?;
+        let d = device_of(a, dptr(ptr))?;
+        Ok(a.record_stream(dptr(ptr), UsageStream::new(self::stream(stream), d))?)
+    })
+}
+
+/// Records that `ptr` is used on `stream` of device `stream_device` (S6, S24).
+/// Returns the status code.
+#[unsafe(no_mangle)]
+pub extern "C" fn streamalloc_record_stream_on(
+    ptr: *mut c_void,
+    stream: CudaStream,
+    stream_device: c_int,
+) -> c_int {
+    status(|| {
+        let a = alloc()?;
+        let d = self::device(a, stream_device)?;
+        Ok(a.record_stream(dptr(ptr), UsageStream::new(self::stream(stream), d))?)
+    })
+}
+
+// ----- our own -----
+
+/// Fills `*out` with `device`'s statistics (S11). Returns the status code.
+///
+/// # Safety
+/// `out` is null (an error) or valid for one `streamalloc_stats` write.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn streamalloc_device_stats(
+    device: c_int,
+    out: *mut StreamallocStats,
+) -> c_int {
+    status(|| {
+        if out.is_null() {
+            return Err(Failure::invalid("streamalloc_device_stats: out is NULL"));
+        }
+        let a = alloc()?;
+        let stats = a.device_stats(self::device(a, device)?)?;
+        // Safety: out is not null, and the caller passes a pointer valid for one write.
+        unsafe { out.write(stats.into()) };
+        Ok(())
+    })
+}
+
+/// Resets `device`'s high watermarks (S12). Returns the status code.
+#[unsafe(no_mangle)]
+pub extern "C" fn streamalloc_reset_peak_stats(device: c_int) -> c_int {
+    status(|| {
+        let a = alloc()?;
+        Ok(a.reset_peak_stats(self::device(a, device)?)?)
+    })
+}
+
+/// Synchronizes each used device and returns its pool's unused memory (S8).
+/// Returns the status code.
+#[unsafe(no_mangle)]
+pub extern "C" fn streamalloc_empty_cache() -> c_int {
+    status(|| Ok(alloc()?.empty_cache()?))
+}
+
+/// A capture begins on `device` (S14): one at a time. Returns the status code.
+#[unsafe(no_mangle)]
+pub extern "C" fn streamalloc_begin_capture(device: c_int) -> c_int {
+    status(|| {
+        let a = alloc()?;
+        Ok(a.begin_capture(self::device(a, device)?)?)
+    })
+}
+
+/// The capture on `device` is about to end (S15): `capture_stream` waits on every
+/// stream a free was issued on during the capture. Call before `cudaStreamEndCapture`.
+/// Returns the status code.
+#[unsafe(no_mangle)]
+pub extern "C" fn streamalloc_end_capture(device: c_int, capture_stream: CudaStream) -> c_int {
+    status(|| {
+        let a = alloc()?;
+        Ok(a.end_capture(self::device(a, device)?, stream(capture_stream))?)
+    })
+}
+
+/// The largest block that can be allocated on `device` now (S9); 0 on error.
+#[unsafe(no_mangle)]
+pub extern "C" fn streamalloc_cache_info(device: c_int) -> usize {
+    boundary(0, || {
+        let a = alloc()?;
+        let bytes = a.cache_info(self::device(a, device)?, Stream::NULL)?;
+        Ok(usize::try_from(bytes).unwrap_or(usize::MAX))
+    })
+}
+
+/// Copies the calling thread's last error message into `buf` (at most `len - 1` bytes
+/// and a NUL; nothing when `buf` is null or `len` is 0). Returns its code.
+///
+/// # Safety
+/// `buf` is null or valid for `len` byte writes.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn streamalloc_last_error(buf: *mut c_char, len: usize) -> c_int {
+    let r = catch_unwind(|| {
+        LAST_ERROR
+            .try_with(|e| {
+                let e = e.borrow();
+                if !buf.is_null() && len > 0 {
+                    let bytes = e.1.as_bytes();
+                    let n = bytes.len().min(len - 1);
+                    // Safety: buf is valid for len bytes (caller), n + 1 <= len, and a
+                    // Rust String never overlaps the caller's buffer.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(bytes.as_ptr(), buf.cast::<u8>(), n);
+                        buf.add(n).write(0);
+                    }
+                }
+                e.0 as c_int
+            })
+            .unwrap_or(0)
+    });
+    r.unwrap_or(ErrorCode::Panic as c_int)
+}
+
+/// The calling thread's last error code (0: the last call succeeded).
+#[unsafe(no_mangle)]
+pub extern "C" fn streamalloc_last_error_code() -> c_int {
+    catch_unwind(|| last_error_code() as c_int).unwrap_or(ErrorCode::Panic as c_int)
+}
+
+/// The backend's name: `"cuda"`, `"sim"`, or `"none"` (no backend; the last error says
+/// why). Creates the allocator if needed; does not change the last error unless the
+/// backend could not be created.
+#[unsafe(no_mangle)]
+pub extern "C" fn streamalloc_backend() -> *const c_char {
+    let name = catch_unwind(|| match global() {
+        Ok(g) => g.backend,
+        Err(f) => {
+            set_last_error(f.code, f.message);
+            c"none"
+        }
+    });
+    name.unwrap_or(c"none").as_ptr()
+}

@@ -1,0 +1,115 @@
+/* streamalloc.h: the C ABI of libstreamalloc.so, a lock-free stream-ordered CUDA
+ * allocator with the semantics of PyTorch's cudaMallocAsync backend.
+ *
+ * Thread safety: every function may be called from any thread at any time.
+ *
+ * Errors: each function that can fail sets the calling thread's *last error* (a code
+ * and a message) and clears it when it succeeds. Read it with streamalloc_last_error()
+ * or streamalloc_last_error_code(); those two and streamalloc_backend() do not clear it.
+ * Codes: 0 none, 1 out of memory (the message carries the seed's fields: device,
+ * currently allocated, requested, device limit, free according to CUDA, user limit),
+ * 2 invalid argument (device index, fraction, unknown pointer, double free, NULL out
+ * pointer), 3 CUDA driver error, 4 capture misuse, 5 panic inside the library (a bug;
+ * the allocator keeps working), 6 no backend (no CUDA driver/device and
+ * STREAMALLOC_BACKEND=sim not set). Nothing ever aborts the process.
+ *
+ * The allocator is created on first use: the CUDA driver (primary contexts; the caller's
+ * current context is restored after each call), or with STREAMALLOC_BACKEND=sim a
+ * simulated device (STREAMALLOC_SIM_DEVICES, default 1; STREAMALLOC_SIM_CAPACITY bytes,
+ * default 1 GiB) for tests. Streams are cudaStream_t / CUstream handles of the device.
+ */
+#ifndef STREAMALLOC_H
+#define STREAMALLOC_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#ifndef STREAMALLOC_NO_CUDA_TYPES
+typedef struct CUstream_st* cudaStream_t;
+#endif
+
+enum streamalloc_error {
+  STREAMALLOC_OK = 0,
+  STREAMALLOC_OUT_OF_MEMORY = 1,
+  STREAMALLOC_INVALID_ARGUMENT = 2,
+  STREAMALLOC_DRIVER_ERROR = 3,
+  STREAMALLOC_CAPTURE_MISUSE = 4,
+  STREAMALLOC_PANIC = 5,
+  STREAMALLOC_NO_BACKEND = 6
+};
+
+/* Device statistics (streamalloc_device_stats). */
+typedef struct streamalloc_stats {
+  uint64_t reserved_current;  /* bytes the device's pool reserves now */
+  uint64_t reserved_peak;     /* high watermark of reserved bytes */
+  uint64_t used_current;      /* bytes the pool hands out now */
+  uint64_t used_peak;         /* high watermark of handed-out bytes */
+  uint64_t allocated_current; /* bytes in live allocations of this allocator */
+  uint64_t cached_current;    /* bytes in the allocator's own cache (0 without one) */
+  uint64_t hits;              /* allocations served from that cache */
+  uint64_t misses;            /* allocations that went to the driver */
+} streamalloc_stats;
+
+/* ---- torch.cuda.memory.CUDAPluggableAllocator's hooks ---- */
+
+/* Allocates size bytes on device, ordered on stream. Returns NULL on failure (last
+ * error set; code 1 for out of memory) and for size 0 (no error). */
+void* streamalloc_alloc(size_t size, int device, cudaStream_t stream);
+/* Frees ptr in stream order (on its creation stream, or after every stream recorded
+ * with record_stream). size/device/stream are ignored (the library keeps its own
+ * records). NULL is a no-op. Unknown pointer or double free: last error, no crash.
+ * During a graph capture, a block allocated outside the capture is freed after it. */
+void streamalloc_free(void* ptr, size_t size, int device, cudaStream_t stream);
+/* Fixes the device count before first use (PyTorch's init hook). */
+void streamalloc_init(int device_count);
+/* Empties the cache: synchronizes each used device and trims its pool to 0. */
+void streamalloc_reset(void);
+/* Limits the allocator's bytes on device to fraction (in [0, 1]) of its memory. */
+void streamalloc_set_memory_fraction(double fraction, int device);
+/* Returns ptr (the base of its allocation) and writes its size to *size (if size is
+ * not NULL). Unknown pointer: NULL and the last error. */
+void* streamalloc_base_alloc(void* ptr, size_t* size);
+/* Records that ptr is used on stream; its free then waits for that stream. The stream
+ * is taken to belong to ptr's device (the hook carries no device; with several devices
+ * a scan of live blocks finds it). NULL ptr is a no-op; ptr's creation stream changes
+ * nothing (warns once). */
+void streamalloc_record_stream(void* ptr, cudaStream_t stream);
+/* record_stream with the stream's device given (a stream of another device is
+ * allowed: peer access). Returns the status code. */
+int streamalloc_record_stream_on(void* ptr, cudaStream_t stream, int stream_device);
+
+/* ---- streamalloc's own ---- */
+
+/* Fills *out with device's statistics (zeros for a device not used yet; no context
+ * is created). Returns the status code (2 for a NULL out). */
+int streamalloc_device_stats(int device, streamalloc_stats* out);
+/* Resets device's high watermarks (reserved_peak, used_peak) to 0. */
+int streamalloc_reset_peak_stats(int device);
+/* As streamalloc_reset, with a status code. */
+int streamalloc_empty_cache(void);
+/* A graph capture begins (call before cudaStreamBeginCapture). One at a time in the
+ * process: a second is code 4. Frees of blocks allocated outside the capture are
+ * deferred until it ends. */
+int streamalloc_begin_capture(int device);
+/* The capture is about to end (call before cudaStreamEndCapture): capture_stream waits
+ * on every stream a free was issued on during the capture. No capture: code 4. */
+int streamalloc_end_capture(int device, cudaStream_t capture_stream);
+/* Copies the calling thread's last error message into buf (at most len-1 bytes, NUL
+ * terminated; nothing if buf is NULL or len is 0). Returns its code. */
+int streamalloc_last_error(char* buf, size_t len);
+/* The calling thread's last error code (0: the last call succeeded). */
+int streamalloc_last_error_code(void);
+/* "cuda", "sim", or "none" (no backend; the last error says why). Static string. */
+const char* streamalloc_backend(void);
+/* The largest block that can be allocated on device now (trial allocations on the
+ * device's legacy default stream); 0 on error. */
+size_t streamalloc_cache_info(int device);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* STREAMALLOC_H */

@@ -1,0 +1,209 @@
+//! The C ABI on the simulated device: two devices of 1 GiB, installed as the global
+//! allocator before any test touches it (tests run in parallel in one process, so each
+//! keeps to its own pointers and checks only what others cannot change).
+
+use super::*;
+
+const GIB: u64 = 1 << 30;
+
+fn setup() -> &'static Arc<SimDriver> {
+    static SIM: OnceLock<Arc<SimDriver>> = OnceLock::new();
+    SIM.get_or_init(|| {
+        let sim = Arc::new(SimDriver::with_devices(2, GIB));
+        let driver: Arc<dyn Driver> = sim.clone();
+        assert!(install_global(Global::new(driver, c"sim", 0)), "a global existed");
+        sim
+    })
+}
+
+fn last_error() -> (c_int, String) {
+    let mut buf = vec![0 as c_char; 1024];
+    // Safety: buf holds 1024 bytes.
+    let code = unsafe { streamalloc_last_error(buf.as_mut_ptr(), buf.len()) };
+    // Safety: streamalloc_last_error NUL-terminates within the buffer.
+    let msg = unsafe { CStr::from_ptr(buf.as_ptr()) }.to_string_lossy().into_owned();
+    (code, msg)
+}
+
+#[test]
+fn alloc_free_round_trip() {
+    let sim = setup();
+    for device in 0..2 {
+        let side = sim.new_stream(device as Device).unwrap();
+        let p = streamalloc_alloc(4096, device, std::ptr::null_mut());
+        assert!(!p.is_null(), "{:?}", last_error());
+        assert_eq!(streamalloc_last_error_code(), 0);
+        let mut size = 0usize;
+        // Safety: size is a valid usize.
+        let base = unsafe { streamalloc_base_alloc(p, &mut size) };
+        assert_eq!((base, size), (p, 4096));
+        streamalloc_record_stream(p, side.as_raw() as CudaStream);
+        assert_eq!(streamalloc_last_error_code(), 0, "{:?}", last_error());
+        streamalloc_free(p, 4096, device, std::ptr::null_mut());
+        assert_eq!(streamalloc_last_error_code(), 0, "{:?}", last_error());
+    }
+    assert_eq!(streamalloc_empty_cache(), 0);
+}
+
+#[test]
+fn backend_is_sim() {
+    setup();
+    // Safety: the returned pointer is a static NUL-terminated string.
+    let name = unsafe { CStr::from_ptr(streamalloc_backend()) };
+    assert_eq!(name, c"sim");
+}
+
+#[test]
+fn bad_device_is_an_error_not_a_crash() {
+    setup();
+    for bad in [-1, 2, c_int::MIN, c_int::MAX] {
+        let p = streamalloc_alloc(64, bad, std::ptr::null_mut());
+        assert!(p.is_null());
+        let (code, msg) = last_error();
+        assert_eq!(code, ErrorCode::InvalidArgument as c_int);
+        assert!(msg.contains(&format!("invalid device index {bad}")), "{msg}");
+        assert_eq!(streamalloc_reset_peak_stats(bad), ErrorCode::InvalidArgument as c_int);
+        assert_eq!(streamalloc_begin_capture(bad), ErrorCode::InvalidArgument as c_int);
+        assert_eq!(streamalloc_cache_info(bad), 0);
+    }
+    // The allocator keeps working.
+    let p = streamalloc_alloc(64, 0, std::ptr::null_mut());
+    assert!(!p.is_null());
+    streamalloc_free(p, 64, 0, std::ptr::null_mut());
+    assert_eq!(streamalloc_last_error_code(), 0);
+}
+
+#[test]
+fn unknown_pointer_and_double_free_record_errors() {
+    setup();
+    streamalloc_free(0xdead_0000 as *mut c_void, 16, 0, std::ptr::null_mut());
+    let (code, msg) = last_error();
+    assert_eq!(code, ErrorCode::InvalidArgument as c_int);
+    assert!(msg.contains("was not allocated by this allocator"), "{msg}");
+
+    let p = streamalloc_alloc(256, 1, std::ptr::null_mut());
+    assert!(!p.is_null());
+    streamalloc_free(p, 256, 1, std::ptr::null_mut());
+    assert_eq!(streamalloc_last_error_code(), 0);
+    streamalloc_free(p, 256, 1, std::ptr::null_mut());
+    assert_eq!(streamalloc_last_error_code(), ErrorCode::InvalidArgument as c_int);
+
+    // Safety: a null size pointer is allowed.
+    let base = unsafe { streamalloc_base_alloc(0xbeef_0000 as *mut c_void, std::ptr::null_mut()) };
+    assert!(base.is_null());
+    assert_eq!(streamalloc_last_error_code(), ErrorCode::InvalidArgument as c_int);
+    streamalloc_record_stream(0xbeef_0000 as *mut c_void, std::ptr::null_mut());
+    assert_eq!(streamalloc_last_error_code(), ErrorCode::InvalidArgument as c_int);
+    // Null pointers are no-ops.
+    streamalloc_free(std::ptr::null_mut(), 0, 0, std::ptr::null_mut());
+    assert_eq!(streamalloc_last_error_code(), 0);
+}
+
+#[test]
+fn zero_size_is_null_without_error() {
+    setup();
+    let p = streamalloc_alloc(0, 0, std::ptr::null_mut());
+    assert!(p.is_null());
+    assert_eq!(last_error(), (0, String::new()));
+}
+
+#[test]
+fn oom_sets_code_1_with_the_seed_message() {
+    setup();
+    let p = streamalloc_alloc(2 * GIB as usize, 0, std::ptr::null_mut());
+    assert!(p.is_null());
+    let (code, msg) = last_error();
+    assert_eq!(code, ErrorCode::OutOfMemory as c_int);
+    for field in [
+        "Allocation on device 0 would exceed allowed memory. (out of memory)",
+        "Currently allocated     : ",
+        "Requested               : 2.00 GiB",
+        "Device limit            : 1024.00 MiB",
+        "Free (according to CUDA): ",
+        "user-supplied memory fraction",
+    ] {
+        assert!(msg.contains(field), "missing {field:?} in {msg}");
+    }
+    // 1 EiB or more is refused outright.
+    assert!(streamalloc_alloc(1 << 60, 0, std::ptr::null_mut()).is_null());
+    assert_eq!(streamalloc_last_error_code(), ErrorCode::OutOfMemory as c_int);
+    // And the allocator keeps working.
+    let p = streamalloc_alloc(1 << 20, 0, std::ptr::null_mut());
+    assert!(!p.is_null());
+    streamalloc_free(p, 1 << 20, 0, std::ptr::null_mut());
+    assert_eq!(streamalloc_last_error_code(), 0);
+}
+
+#[test]
+fn bad_memory_fraction_is_an_error() {
+    setup();
+    for f in [-0.5, 1.5, f64::NAN] {
+        streamalloc_set_memory_fraction(f, 1);
+        assert_eq!(streamalloc_last_error_code(), ErrorCode::InvalidArgument as c_int);
+    }
+    streamalloc_set_memory_fraction(1.0, 1);
+    assert_eq!(streamalloc_last_error_code(), 0);
+}
+
+#[test]
+fn stats_are_filled() {
+    setup();
+    let p = streamalloc_alloc(3 << 20, 1, std::ptr::null_mut());
+    assert!(!p.is_null());
+    let mut s = StreamallocStats::default();
+    // Safety: s is a valid StreamallocStats.
+    assert_eq!(unsafe { streamalloc_device_stats(1, &mut s) }, 0);
+    assert!(s.allocated_current >= 3 << 20, "{s:?}");
+    assert!(s.used_current >= 3 << 20 && s.used_peak >= s.used_current, "{s:?}");
+    assert!(s.reserved_current >= s.used_current && s.reserved_peak >= 3 << 20, "{s:?}");
+    assert_eq!(streamalloc_reset_peak_stats(1), 0);
+    streamalloc_free(p, 3 << 20, 1, std::ptr::null_mut());
+    assert!(streamalloc_cache_info(1) > 0);
+}
+
+#[test]
+fn null_out_pointer_and_panics_never_cross() {
+    setup();
+    // Safety: a null out pointer must be reported, not written.
+    let code = unsafe { streamalloc_device_stats(0, std::ptr::null_mut()) };
+    assert_eq!(code, ErrorCode::InvalidArgument as c_int);
+    // Safety: a null buffer only returns the code.
+    assert_eq!(unsafe { streamalloc_last_error(std::ptr::null_mut(), 0) }, code);
+
+    let v: c_int = boundary(-7, || panic!("boom"));
+    assert_eq!(v, -7);
+    let (code, msg) = last_error();
+    assert_eq!(code, ErrorCode::Panic as c_int);
+    assert!(msg.contains("boom"), "{msg}");
+}
+
+#[test]
+fn last_error_truncates_to_the_buffer() {
+    setup();
+    streamalloc_free(0xdead_0000 as *mut c_void, 16, 0, std::ptr::null_mut());
+    let mut buf = [0x7f as c_char; 8];
+    // Safety: buf holds 8 bytes.
+    let code = unsafe { streamalloc_last_error(buf.as_mut_ptr(), buf.len()) };
+    assert_eq!(code, ErrorCode::InvalidArgument as c_int);
+    // Safety: NUL-terminated within the buffer.
+    assert_eq!(unsafe { CStr::from_ptr(buf.as_ptr()) }.to_bytes(), b"pointer");
+}
+
+#[test]
+fn capture_misuse_and_capture_round_trip() {
+    setup();
+    // Ending with no capture underway is misuse (another test could be mid-capture only
+    // here, and this is the only capture test).
+    assert_eq!(streamalloc_end_capture(0, std::ptr::null_mut()), ErrorCode::Capture as c_int);
+    assert_eq!(streamalloc_begin_capture(0), 0);
+    assert_eq!(streamalloc_begin_capture(0), ErrorCode::Capture as c_int);
+    assert_eq!(streamalloc_end_capture(0, std::ptr::null_mut()), 0);
+}
+
+#[test]
+fn init_before_first_use_is_accepted() {
+    streamalloc_init(2);
+    assert_eq!(streamalloc_last_error_code(), 0);
+    streamalloc_init(-1);
+    assert_eq!(streamalloc_last_error_code(), ErrorCode::InvalidArgument as c_int);
+}
