@@ -24,10 +24,11 @@
 use crate::api::{BlockSnapshot, DeviceStats, StreamOrderedAllocator};
 use crate::budget::Budget;
 use crate::cache::{CREDIT_CHUNK, CacheConfig, PUBLISH_STEP, StreamCache, class_of};
-use crate::driver::Driver;
+use crate::driver::{Driver, DriverResult};
 use crate::epoch::{EpochGate, Section};
 use crate::error::{Error, OutOfMemory, Result};
 use crate::freed::FreedTable;
+use crate::lane::Lane;
 use crate::types::{Device, DevicePtr, PoolAttribute, Stream, UsageStream};
 use crate::warn::{WarningCounts, Warnings};
 use arc_swap::ArcSwapOption;
@@ -103,6 +104,8 @@ struct Shard {
     /// Bytes held by this device's stream caches, as they last published them (within
     /// `PUBLISH_STEP` per stream cache of the truth).
     cached: AtomicU64,
+    /// One thread at a time in the driver's malloc/free for this device.
+    lane: Lane,
 }
 
 /// State of the capture underway (installed before the odd epoch is published).
@@ -131,6 +134,8 @@ pub struct StreamAlloc<D: Driver> {
     caches: DashMap<(Device, Stream), Arc<StreamCache>>,
     /// Tells this allocator's entries apart in the per-thread stream-cache memo.
     id: u64,
+    /// Whether driver allocation calls go through the device's lane (`src/lane.rs`).
+    lane: bool,
 }
 
 /// What a cache lookup found.
@@ -181,6 +186,7 @@ impl<D: Driver> StreamAlloc<D> {
                 unifying: OnceLock::new(),
                 init: Mutex::new(()),
                 cached: AtomicU64::new(0),
+                lane: Lane::new(),
             })
             .collect();
         StreamAlloc {
@@ -195,6 +201,52 @@ impl<D: Driver> StreamAlloc<D> {
             cache,
             caches: DashMap::new(),
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            lane: false,
+        }
+        .with_driver_lane_default()
+    }
+
+    fn with_driver_lane_default(mut self) -> Self {
+        self.lane = self.driver.serializes_internally();
+        self
+    }
+
+    /// Turns the driver lane on or off (default: on when the driver says it serializes
+    /// internally, as CUDA does). With the lane, one thread at a time per device calls
+    /// the driver's malloc/free; bookkeeping stays lock-free.
+    pub fn with_driver_lane(mut self, on: bool) -> Self {
+        self.lane = on;
+        self
+    }
+
+    /// `cuMemAllocAsync` through the device's lane (when on).
+    #[inline]
+    fn driver_malloc(
+        &self,
+        device: Device,
+        size: usize,
+        stream: Stream,
+    ) -> DriverResult<DevicePtr> {
+        if self.lane {
+            self.shards[device].lane.run(|| self.driver.malloc_async(device, size, stream))
+        } else {
+            self.driver.malloc_async(device, size, stream)
+        }
+    }
+
+    /// `cuMemFreeAsync` through the device's lane (when on).
+    #[inline]
+    fn driver_free(
+        &self,
+        device: Device,
+        ptr: DevicePtr,
+        size: usize,
+        stream: Stream,
+    ) -> DriverResult<()> {
+        if self.lane {
+            self.shards[device].lane.run(|| self.driver.free_async(device, ptr, size, stream))
+        } else {
+            self.driver.free_async(device, ptr, size, stream)
         }
     }
 
@@ -303,11 +355,11 @@ impl<D: Driver> StreamAlloc<D> {
         self.driver.check_last_error(device)?;
         self.reserve_exact(shard, size)?;
         let alloc_size = self.driver_size(size) as usize;
-        let mut result = self.driver.malloc_async(device, alloc_size, stream);
+        let mut result = self.driver_malloc(device, alloc_size, stream);
         if matches!(&result, Err(e) if e.is_oom()) && self.cache.enabled && !section.capturing() {
             // Cached blocks may be what the driver is missing: give them back, retry once.
             self.flush_caches(shard)?;
-            result = self.driver.malloc_async(device, alloc_size, stream);
+            result = self.driver_malloc(device, alloc_size, stream);
         }
         let ptr = match result {
             Ok(ptr) => ptr,
@@ -573,7 +625,7 @@ impl<D: Driver> StreamAlloc<D> {
         let mut first_error = None;
         for (ptr, size) in blocks {
             let p = DevicePtr::from_raw(ptr);
-            let r = self.driver.free_async(device, p, size as usize, stream).or_else(|_| {
+            let r = self.driver_free(device, p, size as usize, stream).or_else(|_| {
                 self.driver.device_synchronize(device)?;
                 self.driver.free_async(device, p, size as usize, Stream::NULL)
             });
@@ -646,7 +698,7 @@ impl<D: Driver> StreamAlloc<D> {
         let creation = info.creation();
         let free_stream = match &info.recorded {
             None => {
-                self.driver.free_async(
+                self.driver_free(
                     device,
                     DevicePtr::from_raw(ptr),
                     self.driver_size(info.size) as usize,
@@ -663,7 +715,7 @@ impl<D: Driver> StreamAlloc<D> {
                 for &used_on in recorded.iter() {
                     self.driver.sync_streams(used_on, unifying)?;
                 }
-                self.driver.free_async(
+                self.driver_free(
                     device,
                     DevicePtr::from_raw(ptr),
                     self.driver_size(info.size) as usize,
@@ -1013,6 +1065,20 @@ impl<D: Driver> StreamOrderedAllocator for StreamAlloc<D> {
             .collect();
         v.sort_by_key(|b| b.ptr);
         v
+    }
+}
+
+impl<D: Driver> Drop for StreamAlloc<D> {
+    /// Gives the front cache's blocks back to the driver (live blocks are the owner's).
+    fn drop(&mut self) {
+        if !self.cache.enabled || self.epoch.capturing() {
+            return;
+        }
+        for shard in self.shards.iter().filter(|s| s.unifying.get().is_some()) {
+            if let Err(e) = self.flush_caches(shard) {
+                log::error!("releasing cached blocks of device {} failed: {e}", shard.device);
+            }
+        }
     }
 }
 

@@ -713,6 +713,10 @@ impl Drop for CudaDriver {
 }
 
 impl Driver for CudaDriver {
+    fn serializes_internally(&self) -> bool {
+        true
+    }
+
     fn name(&self) -> &'static str {
         "cuda"
     }

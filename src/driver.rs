@@ -108,6 +108,13 @@ pub trait Driver: Send + Sync + 'static {
         count: usize,
     ) -> DriverResult<()>;
 
+    /// Whether concurrent allocation calls contend inside the driver, so that the
+    /// allocator does better to let one thread at a time per device make them (the
+    /// driver lane, `src/lane.rs`). True for CUDA; false for drivers that scale.
+    fn serializes_internally(&self) -> bool {
+        false
+    }
+
     /// Tells the driver layer that a block the allocator kept (never returned to the
     /// driver) is handed out again on `stream`. A no-op on real hardware; the simulated
     /// device checks that the reuse is ordered after the block's last use.
@@ -218,6 +225,9 @@ impl<T: Driver + ?Sized> Driver for std::sync::Arc<T> {
         count: usize,
     ) -> DriverResult<()> {
         (**self).memcpy(device, dst, src, count)
+    }
+    fn serializes_internally(&self) -> bool {
+        (**self).serializes_internally()
     }
     #[inline]
     fn note_reuse(&self, device: Device, ptr: DevicePtr, size: usize, stream: Stream) {

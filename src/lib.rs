@@ -21,6 +21,7 @@ pub mod cache;
 pub mod core;
 mod epoch;
 mod freed;
+mod lane;
 pub mod replica;
 mod sync;
 #[cfg(all(test, streamalloc_loom))]

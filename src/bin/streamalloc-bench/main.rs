@@ -21,7 +21,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use streamalloc::sim::NullDriver;
-use streamalloc::{SeedReplica, StreamAlloc, UsageStream};
+use streamalloc::{CacheConfig, SeedReplica, StreamAlloc, UsageStream};
 use workload::{HandleApi, PtrApi, RawDriver, Workload};
 
 #[global_allocator]
@@ -50,9 +50,12 @@ const VARIANTS: &[Variant] = &[
     Variant { name: "raw_driver", on: On::GpuOnly },
     Variant { name: "seed_replica", on: On::Device },
     Variant { name: "streamalloc", on: On::Device },
-    Variant { name: "streamalloc_handle", on: On::Device },
+    Variant { name: "streamalloc_nolane", on: On::Device },
+    Variant { name: "streamalloc_cached", on: On::Device },
+    Variant { name: "streamalloc_cached_ptr", on: On::Device },
     Variant { name: "seed_replica_null", on: On::Null },
     Variant { name: "streamalloc_null", on: On::Null },
+    Variant { name: "streamalloc_cached_null", on: On::Null },
 ];
 
 /// One measurement of variant `name` on `dev` (a fresh allocator each time).
@@ -79,13 +82,27 @@ fn measure<D: BenchDevice>(
             let a = SeedReplica::new(dev.clone()).map_err(err)?;
             go(&PtrApi(&a), dev, streams, threads, iters)
         }
+        // The lock-free core alone (no front cache): every pair reaches the driver,
+        // through the driver lane where the driver serializes (CUDA).
         "streamalloc" | "streamalloc_null" => {
-            let a = StreamAlloc::new(dev.clone()).map_err(err)?;
+            let a =
+                StreamAlloc::with_cache(dev.clone(), CacheConfig::passthrough()).map_err(err)?;
             go(&PtrApi(&a), dev, streams, threads, iters)
         }
-        "streamalloc_handle" => {
+        "streamalloc_nolane" => {
+            let a = StreamAlloc::with_cache(dev.clone(), CacheConfig::passthrough())
+                .map_err(err)?
+                .with_driver_lane(false);
+            go(&PtrApi(&a), dev, streams, threads, iters)
+        }
+        // With the front cache (the default), through the handle API and the pointer API.
+        "streamalloc_cached" | "streamalloc_cached_null" => {
             let a = StreamAlloc::new(dev.clone()).map_err(err)?;
             go(&HandleApi(&a), dev, streams, threads, iters)
+        }
+        "streamalloc_cached_ptr" => {
+            let a = StreamAlloc::new(dev.clone()).map_err(err)?;
+            go(&PtrApi(&a), dev, streams, threads, iters)
         }
         other => Err(format!("variant {other} has no measurement")),
     }
@@ -344,6 +361,34 @@ fn real_main(o: Opts) -> Result<(), String> {
             }
         }
         // A partial CSV after every rep: a run cut short still leaves its numbers.
+        if let Some(path) = &o.csv {
+            let rows = median_rows(&gpu, &selected, &thread_counts, &results, &failed);
+            write_csv(path, &rows, &extra_rows)?;
+        }
+    }
+    // Peak reserved against peak live bytes with the front cache (untimed runs).
+    if wanted(&VARIANTS[4]) {
+        for &t in &thread_counts {
+            let r = match (&device, &device_streams) {
+                (Some(DeviceBackend::Cuda(d)), Some(s)) => {
+                    workload::reserve_ratio(d, s, t, o.iters)
+                }
+                (Some(DeviceBackend::Sim(d)), Some(s)) => workload::reserve_ratio(d, s, t, o.iters),
+                _ => continue,
+            };
+            match r {
+                Ok((reserved, live)) => {
+                    let ratio = reserved as f64 / live.max(1) as f64;
+                    println!(
+                        "streamalloc_cached threads {t:>2}: peak reserved {reserved} B, peak \
+                         live {live} B, ratio {ratio:.3} (target <= 1.25)"
+                    );
+                    let variant = "reserved_over_live_peak".to_string();
+                    extra_rows.push(Row { gpu: gpu.clone(), variant, threads: t, value: ratio });
+                }
+                Err(e) => println!("peak reserved probe at {t} threads failed: {e}"),
+            }
+        }
         if let Some(path) = &o.csv {
             let rows = median_rows(&gpu, &selected, &thread_counts, &results, &failed);
             write_csv(path, &rows, &extra_rows)?;

@@ -13,6 +13,7 @@
 //! API of one) is one small adapter type.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Barrier, Mutex};
 use std::time::Instant;
 use streamalloc::{
@@ -185,6 +186,50 @@ pub fn run<W: Workload>(
         return Err(e);
     }
     Ok(threads as f64 * iters as f64 / seconds / 1e6)
+}
+
+/// The handle API with the live bytes counted (for the peak-memory probe only: the
+/// shared counter would distort a throughput run).
+struct CountingHandles<'a, D: Driver> {
+    alloc: &'a StreamAlloc<D>,
+    live: AtomicU64,
+    peak: AtomicU64,
+}
+
+impl<'a, D: Driver> Workload for CountingHandles<'a, D> {
+    type Slot = Block<'a, D>;
+    fn alloc(&self, size: usize, stream: Stream) -> Result<Block<'a, D>, String> {
+        let b = self.alloc.allocate(DEVICE, size, stream).map_err(|e| e.to_string())?;
+        let now = self.live.fetch_add(size as u64, Ordering::SeqCst) + size as u64;
+        self.peak.fetch_max(now, Ordering::SeqCst);
+        Ok(b)
+    }
+    fn free(&self, block: Block<'a, D>) -> Result<(), String> {
+        self.live.fetch_sub(block.size() as u64, Ordering::SeqCst);
+        drop(block);
+        Ok(())
+    }
+}
+
+/// Runs the workload once through the front cache (handle API) on a trimmed pool with
+/// its watermarks reset, and returns (the pool's peak reserved bytes, the peak of bytes
+/// in live allocations).
+pub fn reserve_ratio<D: crate::backend::BenchDevice>(
+    dev: &std::sync::Arc<D>,
+    streams: &[UsageStream],
+    threads: usize,
+    iters: u64,
+) -> Result<(u64, u64), String> {
+    let err = |e: streamalloc::Error| e.to_string();
+    let alloc = StreamAlloc::new(dev.clone()).map_err(err)?;
+    alloc.empty_cache().map_err(err)?;
+    alloc.reset_peak_stats(DEVICE).map_err(err)?;
+    let w = CountingHandles { alloc: &alloc, live: AtomicU64::new(0), peak: AtomicU64::new(0) };
+    run(&w, streams, &|s| dev.sync(s), threads, iters)?;
+    let reserved = alloc.device_stats(DEVICE).map_err(err)?.reserved_peak;
+    let peak = w.peak.load(Ordering::SeqCst);
+    alloc.empty_cache().map_err(err)?;
+    Ok((reserved, peak))
 }
 
 #[cfg(test)]
