@@ -49,12 +49,12 @@ echo "PyTorch anchor: $((SECONDS - START)) s"
 # The combined table last: threads x variants, M pairs/s.
 echo
 echo "M alloc+free pairs/s, aggregate, $NAME (ours: median of $REPS)"
-awk -F, 'NR > 1 && $3 > 0 {
+awk -F, 'NR > 1 && $3 > 0 && $2 !~ /^reserved_/ {
     if (!($2 in seen)) { seen[$2] = 1; order[++n] = $2 }
     if (!($3 in tseen)) { tseen[$3] = 1; ts[++m] = $3 }
     v[$2, $3] = $4
   }
-  NR > 1 && $3 == 0 { extra = extra sprintf("%s: %s\n", $2, $4) }
+  NR > 1 && ($3 == 0 || $2 ~ /^reserved_/) { extra = extra sprintf("%s (threads %s): %s\n", $2, $3, $4) }
   END {
     printf "%-34s", "variant \\ threads"; for (j = 1; j <= m; j++) printf "%9s", ts[j]; printf "\n"
     for (i = 1; i <= n; i++) {

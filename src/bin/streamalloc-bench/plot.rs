@@ -89,7 +89,11 @@ pub fn plot(rows: &[Row], png: &Path, title_gpu: Option<&str>) -> Result<(), Str
     }
     let mut order: Vec<&str> = Vec::new();
     let mut series: BTreeMap<&str, Vec<(usize, f64)>> = BTreeMap::new();
-    for r in rows.iter().filter(|r| r.threads > 0 && r.value.is_finite() && r.value > 0.0) {
+    // Throughput rows only: not the memory rows (bytes per block, reserved/live ratio).
+    let throughput = |r: &&Row| {
+        r.threads > 0 && !r.variant.starts_with("reserved_") && r.value.is_finite() && r.value > 0.0
+    };
+    for r in rows.iter().filter(throughput) {
         if !series.contains_key(r.variant.as_str()) {
             order.push(&r.variant);
         }
