@@ -1,57 +1,137 @@
 //! Used-byte accounting against the memory-fraction limit (S3, S7), in atomics.
 //!
-//! A reservation is made by compare-and-swap *before* the driver call and given back if
-//! the call fails, so two threads can never both pass the limit check with bytes the
-//! other has already claimed (no load-then-add).
+//! ```text
+//!   reserved (one atomic)  = live bytes + credit held by the stripes
+//!   credit[stripe] (one cache-padded atomic per thread stripe): reserved, not live
+//! ```
+//!
+//! A claim is made by compare-and-swap *before* the driver call and given back if the
+//! call fails, so two threads can never both pass the limit check with bytes the other
+//! has already claimed (no load-then-add). To keep every thread off one shared line,
+//! each thread stripe holds *credit*: bytes already claimed against the limit but not
+//! live. An allocation spends credit from its stripe; a free adds to it; only when the
+//! credit runs out (claim `size + CHUNK` at once) or piles up (give back down to `CHUNK`)
+//! is the shared `reserved` counter touched. The limit stays exact: when a claim is
+//! refused, every stripe's credit is drained back and the exact claim is tried again
+//! before out-of-memory is reported.
 
-use crate::sync::{AtomicU64, Ordering};
+use crate::sync::{AtomicU64, Ordering, thread_stripe};
+use crossbeam::utils::CachePadded;
+
+/// Credit stripes; threads are spread over them round-robin.
+const STRIPES: usize = if cfg!(streamalloc_loom) { 2 } else { 32 };
+/// Credit is taken from `reserved` this much at a time (and a stripe keeps at most twice
+/// this before giving back): large against the benchmark's swings of live bytes (a few
+/// MiB per thread), small against a device.
+pub(crate) const CREDIT_CHUNK: u64 = 16 << 20;
 
 /// One device's bytes in live allocations and its user limit.
 pub(crate) struct Budget {
-    used: AtomicU64,
-    limit: AtomicU64,
+    reserved: CachePadded<AtomicU64>,
+    limit: CachePadded<AtomicU64>,
+    credit: Box<[CachePadded<AtomicU64>]>,
 }
 
 impl Budget {
     /// No bytes used, no limit (S2).
     pub(crate) fn new() -> Self {
-        Budget { used: AtomicU64::new(0), limit: AtomicU64::new(u64::MAX) }
+        Budget {
+            reserved: CachePadded::new(AtomicU64::new(0)),
+            limit: CachePadded::new(AtomicU64::new(u64::MAX)),
+            credit: (0..STRIPES).map(|_| CachePadded::new(AtomicU64::new(0))).collect(),
+        }
     }
 
-    /// Claims `size` bytes if `used + size <= limit`; on refusal returns the bytes in use.
+    /// Claims `n` bytes against the limit: a CAS loop, never load-then-add.
     ///
-    /// Orderings: the CAS is the only writer path that can grow `used`, so every claim
-    /// sees every earlier claim or release (RMWs on one location are totally ordered);
-    /// `Relaxed` suffices because the counter guards no other data. The limit is read
-    /// `Relaxed`: a concurrent `set_limit` takes effect for claims that read it after.
-    pub(crate) fn reserve(&self, size: u64) -> Result<(), u64> {
-        let mut used = self.used.load(Ordering::Relaxed);
+    /// Orderings: `Relaxed` throughout. The counters guard no other data, and
+    /// read-modify-writes on one location are totally ordered, so every claim sees every
+    /// earlier claim or release. A concurrent `set_limit` applies to the claims that read
+    /// the new limit.
+    fn claim(&self, n: u64) -> bool {
+        let mut reserved = self.reserved.load(Ordering::Relaxed);
         loop {
-            let limit = self.limit.load(Ordering::Relaxed);
-            if used.saturating_add(size) > limit {
-                return Err(used);
+            if reserved.saturating_add(n) > self.limit.load(Ordering::Relaxed) {
+                return false;
             }
-            match self.used.compare_exchange_weak(
-                used,
-                used + size,
+            match self.reserved.compare_exchange_weak(
+                reserved,
+                reserved + n,
                 Ordering::Relaxed,
                 Ordering::Relaxed,
             ) {
-                Ok(_) => return Ok(()),
-                Err(now) => used = now,
+                Ok(_) => return true,
+                Err(now) => reserved = now,
             }
         }
     }
 
-    /// Gives back `size` bytes claimed earlier.
-    pub(crate) fn release(&self, size: u64) {
-        let before = self.used.fetch_sub(size, Ordering::Relaxed);
-        debug_assert!(before >= size, "budget released more than it reserved");
+    /// Claims `size` live bytes if `used + size <= limit`; on refusal returns the bytes
+    /// in use.
+    #[inline]
+    pub(crate) fn reserve(&self, size: u64) -> Result<(), u64> {
+        let credit = &self.credit[thread_stripe(STRIPES)];
+        let mut have = credit.load(Ordering::Relaxed);
+        while have >= size {
+            match credit.compare_exchange_weak(
+                have,
+                have - size,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return Ok(()),
+                Err(now) => have = now,
+            }
+        }
+        if self.claim(size.saturating_add(CREDIT_CHUNK)) {
+            credit.fetch_add(CREDIT_CHUNK, Ordering::Relaxed);
+            return Ok(());
+        }
+        if self.claim(size) {
+            return Ok(());
+        }
+        // Exact: bring every stripe's credit back, then try once more.
+        self.drain();
+        if self.claim(size) { Ok(()) } else { Err(self.used()) }
     }
 
-    /// Bytes in live allocations.
+    /// Gives back `size` live bytes (they become this stripe's credit).
+    #[inline]
+    pub(crate) fn release(&self, size: u64) {
+        let credit = &self.credit[thread_stripe(STRIPES)];
+        let mut have = credit.fetch_add(size, Ordering::Relaxed) + size;
+        while have > 2 * CREDIT_CHUNK {
+            match credit.compare_exchange_weak(
+                have,
+                CREDIT_CHUNK,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => {
+                    self.reserved.fetch_sub(have - CREDIT_CHUNK, Ordering::Relaxed);
+                    return;
+                }
+                Err(now) => have = now,
+            }
+        }
+    }
+
+    /// Moves all credit back to the shared counter.
+    pub(crate) fn drain(&self) {
+        for credit in self.credit.iter() {
+            let taken = credit.swap(0, Ordering::Relaxed);
+            if taken > 0 {
+                self.reserved.fetch_sub(taken, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Bytes in live allocations (exact when no operation is in flight).
     pub(crate) fn used(&self) -> u64 {
-        self.used.load(Ordering::Relaxed)
+        // Credit first, then reserved: a release racing this read can only make the
+        // result larger than the truth for a moment, never wrap it below zero.
+        let credit: u64 = self.credit.iter().map(|c| c.load(Ordering::Relaxed)).sum();
+        self.reserved.load(Ordering::Relaxed).saturating_sub(credit)
     }
 
     /// The user limit.
@@ -62,5 +142,33 @@ impl Budget {
     /// Sets the user limit (S7). Bytes already in use are not affected.
     pub(crate) fn set_limit(&self, limit: u64) {
         self.limit.store(limit, Ordering::Relaxed);
+    }
+}
+
+#[cfg(all(test, not(streamalloc_loom)))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exact_at_the_limit_with_credit_stranded() {
+        let b = Budget::new();
+        b.set_limit(100 << 20);
+        // This thread's stripe takes a chunk of credit.
+        b.reserve(1 << 20).unwrap();
+        assert_eq!(b.used(), 1 << 20);
+        // Another thread strands credit in its stripe.
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                b.reserve(10 << 20).unwrap();
+                b.release(10 << 20);
+            });
+        });
+        assert_eq!(b.used(), 1 << 20);
+        // The rest of the limit is still ours, exactly.
+        b.reserve(99 << 20).unwrap();
+        assert_eq!(b.used(), 100 << 20);
+        assert!(b.reserve(1).is_err());
+        b.release(100 << 20);
+        assert_eq!(b.used(), 0);
     }
 }

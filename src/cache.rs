@@ -14,27 +14,28 @@
 //! order makes that safe, exactly as the driver's own pool reuses on the same stream.
 //! Blocks are never handed to another stream, so no cross-stream ordering is needed.
 //!
-//! Accounting keeps the seed's meaning: `used` is bytes in live allocations. Each stream
-//! cache holds *credit*, bytes already reserved in the device's `Budget` but not live;
-//! a hit spends credit, a free into the cache earns it back, and only when the credit
-//! runs out or piles up does the cache touch the shared budget (in 4 MiB chunks). So the
-//! hot path touches no line another thread writes, and the limit stays exact: a refused
-//! chunk falls back to the exact path, which drains every cache's credit before it
-//! reports out-of-memory.
+//! Accounting keeps the seed's meaning: `used` is bytes in live allocations, claimed in
+//! the device's `Budget` on every hit and given back on every free, through the budget's
+//! per-thread credit (`src/budget.rs`), so the hot path touches no line another thread
+//! writes. Cached bytes are published to a device total only when a stream cache's
+//! count drifts by `PUBLISH_STEP`.
+//!
+//! Blocks go back to the driver (over budget, on an out-of-memory retry, on
+//! `empty_cache`, when the allocator drops) after a device synchronize and on the
+//! device's unifying stream, never on the stream they were cached for: that stream may
+//! have been destroyed by its owner meanwhile.
 
 use crate::types::Stream;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 /// Largest block the cache keeps; larger ones go straight back to the driver.
 pub(crate) const MAX_CACHED: u64 = 64 << 20;
 /// Size classes: 512 B, then four per power of two up to `MAX_CACHED`.
 pub(crate) const CLASSES: usize = 1 + 4 * 17;
-/// Credit is taken from and returned to the device budget in chunks of this size.
-pub(crate) const CREDIT_CHUNK: u64 = 4 << 20;
 /// A stream cache publishes its cached bytes to the device total when they moved by
-/// this much since the last publish (so the shared total is touched rarely).
-pub(crate) const PUBLISH_STEP: u64 = 1 << 20;
+/// this much since the last publish, so the shared total is touched rarely (the
+/// benchmark's cached bytes swing by a few MiB per thread).
+pub(crate) const PUBLISH_STEP: u64 = 16 << 20;
 
 /// The size class of `size` (1..=MAX_CACHED): its index and the class's block size.
 /// Four classes per power of two bound the waste below 25%; the benchmark's sizes
@@ -68,8 +69,6 @@ pub(crate) struct Lists {
     pub(crate) free: [Vec<u64>; CLASSES],
     /// Bytes (class sizes) held in `free`.
     pub(crate) bytes: u64,
-    /// Bytes reserved in the device budget and not live.
-    pub(crate) credit: u64,
     /// `bytes` as last published to the device total.
     pub(crate) published: u64,
     pub(crate) hits: u64,
@@ -80,9 +79,6 @@ pub(crate) struct Lists {
 pub(crate) struct StreamCache {
     pub(crate) stream: Stream,
     lists: Mutex<Lists>,
-    /// Mirror of `Lists::credit`, written under the lock, read without it by
-    /// `used_bytes` (Relaxed: a statistic; exact once the caches are quiet).
-    pub(crate) credit: AtomicU64,
 }
 
 impl StreamCache {
@@ -92,12 +88,10 @@ impl StreamCache {
             lists: Mutex::new(Lists {
                 free: std::array::from_fn(|_| Vec::new()),
                 bytes: 0,
-                credit: 0,
                 published: 0,
                 hits: 0,
                 misses: 0,
             }),
-            credit: AtomicU64::new(0),
         }
     }
 
@@ -106,12 +100,6 @@ impl StreamCache {
     #[inline]
     pub(crate) fn lock(&self) -> MutexGuard<'_, Lists> {
         self.lists.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    /// Writes the credit mirror (call with the lock held, after changing credit).
-    #[inline]
-    pub(crate) fn mirror_credit(&self, lists: &Lists) {
-        self.credit.store(lists.credit, Ordering::Relaxed);
     }
 }
 

@@ -23,7 +23,7 @@
 
 use crate::api::{BlockSnapshot, DeviceStats, StreamOrderedAllocator};
 use crate::budget::Budget;
-use crate::cache::{CREDIT_CHUNK, CacheConfig, PUBLISH_STEP, StreamCache, class_of};
+use crate::cache::{CacheConfig, PUBLISH_STEP, StreamCache, class_of};
 use crate::driver::{Driver, DriverResult};
 use crate::epoch::{EpochGate, Section};
 use crate::error::{Error, OutOfMemory, Result};
@@ -389,19 +389,10 @@ impl<D: Driver> StreamAlloc<D> {
         Ok((ptr, captured))
     }
 
-    /// S3/S7: claims `size` bytes against the limit; with a cache, credit stranded in
-    /// stream caches is drained back before out-of-memory is declared.
+    /// S3/S7: claims `size` bytes against the limit (exactly: credit stranded in other
+    /// threads' stripes is drained back before out-of-memory is declared).
     fn reserve_exact(&self, shard: &Shard, size: u64) -> Result<()> {
-        if shard.budget.reserve(size).is_ok() {
-            return Ok(());
-        }
-        if self.cache.enabled {
-            self.drain_credit(shard);
-            if shard.budget.reserve(size).is_ok() {
-                return Ok(());
-            }
-        }
-        Err(self.oom(shard.device, size))
+        shard.budget.reserve(size).map_err(|_| self.oom(shard.device, size))
     }
 
     // ----- the front cache -------------------------------------------------------------
@@ -428,8 +419,9 @@ impl<D: Driver> StreamAlloc<D> {
         info.recorded.is_none() && !info.captured && self.cacheable_size(info.size)
     }
 
-    /// Runs `f` on the cache of (device, stream), found through this thread's memo (no
-    /// shared line touched on a memo hit).
+    /// Runs `f` on the cache of (device, stream), found through this thread's memo (on
+    /// a memo hit, no shared line is touched and no reference count moves). `f` must
+    /// not re-enter the memo.
     #[inline]
     fn with_stream_cache<R>(
         &self,
@@ -441,25 +433,29 @@ impl<D: Driver> StreamAlloc<D> {
             let entry = self.caches.entry((device, stream));
             entry.or_insert_with(|| Arc::new(StreamCache::new(stream))).clone()
         };
+        let mut f = Some(f);
+        let mut run = |cache: &StreamCache| (f.take().expect("runs once"))(cache);
         let memo = MEMO.try_with(|memo| {
-            let found = memo
-                .borrow()
-                .iter()
-                .find(|e| e.0 == self.id && e.1 == device && e.2 == stream)
-                .map(|e| e.3.clone());
-            found.unwrap_or_else(|| {
-                let cache = lookup();
-                let mut memo = memo.borrow_mut();
-                if memo.len() >= MEMO_ENTRIES {
-                    memo.remove(0);
+            {
+                let memo = memo.borrow();
+                let mine = |e: &&MemoEntry| e.0 == self.id && e.1 == device && e.2 == stream;
+                if let Some(e) = memo.iter().find(mine) {
+                    return Some(run(&e.3));
                 }
-                memo.push((self.id, device, stream, cache.clone()));
-                cache
-            })
+            }
+            let cache = lookup();
+            let mut memo = memo.borrow_mut();
+            if memo.len() >= MEMO_ENTRIES {
+                memo.remove(0);
+            }
+            memo.push((self.id, device, stream, cache));
+            None
         });
-        // During thread teardown the memo is gone: look the cache up directly.
-        let cache = memo.unwrap_or_else(|_| lookup());
-        f(&cache)
+        match memo {
+            Ok(Some(r)) => r,
+            // Not in the memo before (it is now), or the memo is gone (thread teardown).
+            _ => run(&lookup()),
+        }
     }
 
     /// The cache tier of malloc: a block of `size`'s class cached on this stream, if the
@@ -476,30 +472,17 @@ impl<D: Driver> StreamAlloc<D> {
                 l.misses += 1;
                 return Take::Miss;
             };
-            if l.credit < size {
-                // Refill credit from the device budget: a chunk, else the exact bytes.
-                let want = [CREDIT_CHUNK.max(size), size];
-                match want.into_iter().find(|&n| shard.budget.reserve(n).is_ok()) {
-                    Some(n) => l.credit += n,
-                    None => {
-                        l.free[class].push(ptr);
-                        return Take::NoCredit;
-                    }
-                }
+            if shard.budget.reserve(size).is_err() {
+                l.free[class].push(ptr);
+                return Take::NoCredit;
             }
-            l.credit -= size;
             l.bytes -= class_size;
             l.hits += 1;
-            sc.mirror_credit(&l);
             publish(shard, &mut l, false);
             // Under the lock, so no other thread can hand the block out before the
             // driver layer hears of it.
-            self.driver.note_reuse(
-                shard.device,
-                DevicePtr::from_raw(ptr),
-                class_size as usize,
-                stream,
-            );
+            let p = DevicePtr::from_raw(ptr);
+            self.driver.note_reuse(shard.device, p, class_size as usize, stream);
             Take::Hit(ptr)
         });
         match take {
@@ -516,20 +499,11 @@ impl<D: Driver> StreamAlloc<D> {
         let Some((class, class_size)) = class_of(size) else { return };
         let over_budget = self.with_stream_cache(shard.device, stream, |sc| {
             let mut l = sc.lock();
-            self.driver.note_cached(
-                shard.device,
-                DevicePtr::from_raw(ptr),
-                class_size as usize,
-                stream,
-            );
+            let p = DevicePtr::from_raw(ptr);
+            self.driver.note_cached(shard.device, p, class_size as usize, stream);
             l.free[class].push(ptr);
             l.bytes += class_size;
-            l.credit += size;
-            if l.credit > 2 * CREDIT_CHUNK {
-                shard.budget.release(l.credit - CREDIT_CHUNK);
-                l.credit = CREDIT_CHUNK;
-            }
-            sc.mirror_credit(&l);
+            shard.budget.release(size);
             publish(shard, &mut l, false)
                 && shard.cached.load(Ordering::Relaxed) > self.cache.max_bytes_per_device
         });
@@ -539,8 +513,9 @@ impl<D: Driver> StreamAlloc<D> {
     }
 
     /// Over budget: release blocks of this stream's cache, largest first, until the
-    /// device's cached bytes are back under the budget. Not during a capture (the
-    /// frees would be uncaptured frees inside it).
+    /// device's cached bytes are back under half the budget (releases are batched, each
+    /// batch costing a device synchronize). Not during a capture (the frees would be
+    /// uncaptured frees inside it).
     fn trim_stream_cache(&self, shard: &Shard, stream: Stream) {
         let section = self.epoch.enter();
         if section.capturing() {
@@ -548,10 +523,8 @@ impl<D: Driver> StreamAlloc<D> {
         }
         let victims = self.with_stream_cache(shard.device, stream, |sc| {
             let mut l = sc.lock();
-            let mut excess = shard
-                .cached
-                .load(Ordering::Relaxed)
-                .saturating_sub(self.cache.max_bytes_per_device);
+            let target = self.cache.max_bytes_per_device / 2;
+            let mut excess = shard.cached.load(Ordering::Relaxed).saturating_sub(target);
             let mut victims = Vec::new();
             for class in (0..l.free.len()).rev() {
                 while excess > 0 {
@@ -559,19 +532,18 @@ impl<D: Driver> StreamAlloc<D> {
                     let cs = crate::cache::class_size(class);
                     l.bytes -= cs;
                     excess = excess.saturating_sub(cs);
-                    victims.push((ptr, cs));
+                    victims.push((ptr, cs, stream));
                 }
             }
             publish(shard, &mut l, true);
             victims
         });
-        if let Err(e) = self.release_to_driver(shard.device, stream, victims) {
+        if let Err(e) = self.release_to_driver(shard, victims) {
             log::error!("releasing cached blocks to the driver failed: {e}");
         }
     }
 
-    /// Gives every cached block of `shard`'s device back to the driver (on the stream
-    /// it was freed on), and the caches' credit back to the budget. Call inside a
+    /// Gives every cached block of `shard`'s device back to the driver. Call inside a
     /// section that saw no capture.
     fn flush_caches(&self, shard: &Shard) -> Result<()> {
         let caches: Vec<Arc<StreamCache>> = self
@@ -580,57 +552,38 @@ impl<D: Driver> StreamAlloc<D> {
             .filter(|e| e.key().0 == shard.device)
             .map(|e| e.value().clone())
             .collect();
-        let mut first_error = None;
+        let mut blocks = Vec::new();
         for sc in caches {
-            let blocks = {
-                let mut l = sc.lock();
-                let mut blocks = Vec::new();
-                for (class, list) in l.free.iter_mut().enumerate() {
-                    let cs = crate::cache::class_size(class);
-                    blocks.extend(list.drain(..).map(|ptr| (ptr, cs)));
-                }
-                l.bytes = 0;
-                publish(shard, &mut l, true);
-                shard.budget.release(std::mem::take(&mut l.credit));
-                sc.mirror_credit(&l);
-                blocks
-            };
-            if let Err(e) = self.release_to_driver(shard.device, sc.stream, blocks) {
-                first_error.get_or_insert(e);
-            }
-        }
-        first_error.map_or(Ok(()), Err)
-    }
-
-    /// Gives the credit of every stream cache of the device back to the budget, so an
-    /// exact reservation sees every byte that is not live.
-    fn drain_credit(&self, shard: &Shard) {
-        for e in self.caches.iter().filter(|e| e.key().0 == shard.device) {
-            let sc = e.value();
             let mut l = sc.lock();
-            shard.budget.release(std::mem::take(&mut l.credit));
-            sc.mirror_credit(&l);
+            for (class, list) in l.free.iter_mut().enumerate() {
+                let cs = crate::cache::class_size(class);
+                blocks.extend(list.drain(..).map(|ptr| (ptr, cs, sc.stream)));
+            }
+            l.bytes = 0;
+            publish(shard, &mut l, true);
         }
+        self.release_to_driver(shard, blocks)
     }
 
-    /// Frees cached blocks through the driver on the stream they were freed on. If that
-    /// stream is gone (destroyed by its owner), waits for the device and frees on the
-    /// null stream; a block the driver still refuses goes back to the cache.
-    fn release_to_driver(
-        &self,
-        device: Device,
-        stream: Stream,
-        blocks: Vec<(u64, u64)>,
-    ) -> Result<()> {
-        let mut first_error = None;
-        for (ptr, size) in blocks {
-            let p = DevicePtr::from_raw(ptr);
-            let r = self.driver_free(device, p, size as usize, stream).or_else(|_| {
-                self.driver.device_synchronize(device)?;
-                self.driver.free_async(device, p, size as usize, Stream::NULL)
-            });
-            if let Err(e) = r {
-                first_error.get_or_insert(e);
+    /// Frees cached blocks through the driver: after a device synchronize (every use of
+    /// a cached block was enqueued before it was cached, so all are complete), on the
+    /// device's unifying stream, which the allocator owns: the stream a block was
+    /// cached for may have been destroyed by its owner since. A block the driver refuses
+    /// goes back to its cache.
+    fn release_to_driver(&self, shard: &Shard, blocks: Vec<(u64, u64, Stream)>) -> Result<()> {
+        if blocks.is_empty() {
+            return Ok(());
+        }
+        let device = shard.device;
+        let unifying = *shard.unifying.get().expect("cached blocks imply an initialized device");
+        let mut first_error = self.driver.device_synchronize(device).err();
+        for (ptr, size, stream) in blocks {
+            let freed = first_error.is_none()
+                && self
+                    .driver_free(device, DevicePtr::from_raw(ptr), size as usize, unifying)
+                    .map_err(|e| first_error = Some(e))
+                    .is_ok();
+            if !freed {
                 self.put_back(device, stream, ptr, size);
             }
         }
@@ -1033,17 +986,9 @@ impl<D: Driver> StreamOrderedAllocator for StreamAlloc<D> {
         self.epoch.capturing()
     }
 
-    /// Bytes in live allocations: the budget's claims less the credit the stream caches
-    /// hold (exact when no operation is in flight).
+    /// Bytes in live allocations (exact when no operation is in flight).
     fn used_bytes(&self, device: Device) -> u64 {
-        let Some(shard) = self.shards.get(device) else { return 0 };
-        let credit: u64 = self
-            .caches
-            .iter()
-            .filter(|e| e.key().0 == device)
-            .map(|e| e.value().credit.load(Ordering::Relaxed))
-            .sum();
-        shard.budget.used().saturating_sub(credit)
+        self.shards.get(device).map_or(0, |s| s.budget.used())
     }
 
     fn memory_limit(&self, device: Device) -> u64 {

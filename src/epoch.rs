@@ -28,7 +28,7 @@
 //! that the writer stores before publishing an odd epoch: a reader that saw the odd
 //! epoch (an acquire by `SeqCst`) sees the capture.
 
-use crate::sync::{AtomicU64, AtomicUsize, Mutex, Ordering, lock, spin_wait};
+use crate::sync::{AtomicU64, AtomicUsize, Mutex, Ordering, lock, spin_wait, thread_stripe};
 use crossbeam::utils::CachePadded;
 
 /// Counters per parity; threads are spread over them round-robin so a section's announce
@@ -66,30 +66,6 @@ impl Drop for Section<'_> {
     }
 }
 
-fn stripe() -> usize {
-    #[cfg(not(streamalloc_loom))]
-    {
-        use std::cell::Cell;
-        use std::sync::atomic::AtomicUsize as StdAtomic;
-        static NEXT: StdAtomic = StdAtomic::new(0);
-        thread_local!(static MINE: Cell<usize> = const { Cell::new(usize::MAX) });
-        MINE.with(|m| {
-            let mut s = m.get();
-            if s == usize::MAX {
-                s = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % STRIPES;
-                m.set(s);
-            }
-            s
-        })
-    }
-    #[cfg(streamalloc_loom)]
-    {
-        // Under loom: by loom's thread id, so readers may or may not share a counter.
-        let id = format!("{:?}", loom::thread::current().id());
-        id.bytes().map(usize::from).sum::<usize>() % STRIPES
-    }
-}
-
 impl EpochGate {
     /// Epoch 0: no capture.
     pub(crate) fn new() -> Self {
@@ -109,7 +85,7 @@ impl EpochGate {
     /// Begins a read section.
     #[inline]
     pub(crate) fn enter(&self) -> Section<'_> {
-        let s = stripe();
+        let s = thread_stripe(STRIPES);
         loop {
             let epoch = self.word.load(Ordering::SeqCst);
             let counter = &*self.readers[(epoch & 1) as usize][s];

@@ -31,3 +31,29 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
         Err(poisoned) => poisoned.into_inner(),
     }
 }
+
+/// A small index for the calling thread, in `0..n`: threads are spread round-robin (under
+/// loom, by loom's thread id, so model threads may or may not share a stripe).
+#[inline]
+pub(crate) fn thread_stripe(n: usize) -> usize {
+    #[cfg(not(streamalloc_loom))]
+    {
+        use std::cell::Cell;
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        thread_local!(static MINE: Cell<usize> = const { Cell::new(usize::MAX) });
+        MINE.try_with(|m| {
+            let mut s = m.get();
+            if s == usize::MAX {
+                s = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                m.set(s);
+            }
+            s % n
+        })
+        .unwrap_or(0)
+    }
+    #[cfg(streamalloc_loom)]
+    {
+        let id = format!("{:?}", loom::thread::current().id());
+        id.bytes().map(usize::from).sum::<usize>() % n
+    }
+}

@@ -24,7 +24,13 @@ const ADDR_SHIFT: u32 = 44;
 thread_local! {
     /// Event handles: a per-thread counter (handles need not be unique; no sharing).
     static NEXT_EVENT: Cell<usize> = const { Cell::new(1) };
+    /// This thread's range of addresses: (driver id, device, next, end). Threads take
+    /// 1 GiB ranges from the device's counter, so a malloc touches no shared line.
+    static RANGE: Cell<(u64, Device, u64, u64)> = const { Cell::new((0, 0, 0, 0)) };
 }
+
+/// Addresses a thread takes from a device's counter at a time.
+const RANGE_BYTES: u64 = 1 << 30;
 
 /// A [`Driver`] that does no device work and never fails (except on a bad device).
 #[derive(Debug)]
@@ -32,6 +38,8 @@ pub struct NullDriver {
     /// Next address per device; padded so that devices do not share a cache line.
     next: Vec<CachePadded<AtomicU64>>,
     next_stream: AtomicUsize,
+    /// Tells this driver's per-thread address ranges apart from another's.
+    id: u64,
 }
 
 impl NullDriver {
@@ -43,7 +51,9 @@ impl NullDriver {
                 CachePadded::new(AtomicU64::new(base))
             })
             .collect();
-        NullDriver { next, next_stream: AtomicUsize::new(0x5_0000) }
+        static IDS: AtomicU64 = AtomicU64::new(1);
+        let id = IDS.fetch_add(1, Ordering::Relaxed);
+        NullDriver { next, next_stream: AtomicUsize::new(0x5_0000), id }
     }
 
     fn check(&self, op: &'static str, device: Device) -> DriverResult<()> {
@@ -89,9 +99,25 @@ impl Driver for NullDriver {
         _stream: Stream,
     ) -> DriverResult<DevicePtr> {
         self.check("cuMemAllocAsync", device)?;
-        let rounded = (size as u64).saturating_add(ALIGN - 1) & !(ALIGN - 1);
-        // Relaxed: the counter only hands out disjoint ranges; nothing else is published.
-        let addr = self.next[device].fetch_add(rounded.max(ALIGN), Ordering::Relaxed);
+        let rounded = ((size as u64).saturating_add(ALIGN - 1) & !(ALIGN - 1)).max(ALIGN);
+        let take = |bytes| {
+            // Relaxed: the counter only hands out disjoint ranges; nothing else is published.
+            self.next[device].fetch_add(bytes, Ordering::Relaxed)
+        };
+        if rounded > RANGE_BYTES {
+            return Ok(DevicePtr::from_raw(take(rounded)));
+        }
+        let addr = RANGE
+            .try_with(|r| {
+                let (id, dev, mut next, mut end) = r.get();
+                if id != self.id || dev != device || next + rounded > end {
+                    next = take(RANGE_BYTES);
+                    end = next + RANGE_BYTES;
+                }
+                r.set((self.id, device, next + rounded, end));
+                next
+            })
+            .unwrap_or_else(|_| take(rounded));
         Ok(DevicePtr::from_raw(addr))
     }
 
@@ -195,7 +221,7 @@ mod tests {
         assert_ne!(c, a);
         d.free_async(0, a, 1, Stream::NULL).unwrap();
         let again = d.malloc_async(0, 1, Stream::NULL).unwrap();
-        assert_eq!(again.as_raw(), b.as_raw() + 1024, "never reuses");
+        assert!(again != a && again != b && again != c, "never reuses");
         assert_eq!(d.malloc_async(2, 1, Stream::NULL).unwrap_err().code, 101);
         assert_eq!(d.name(), "null");
         assert_eq!(
