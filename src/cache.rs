@@ -14,11 +14,14 @@
 //! order makes that safe, exactly as the driver's own pool reuses on the same stream.
 //! Blocks are never handed to another stream, so no cross-stream ordering is needed.
 //!
-//! Accounting keeps the seed's meaning: `used` is bytes in live allocations, claimed in
-//! the device's `Budget` on every hit and given back on every free, through the budget's
-//! per-thread credit (`src/budget.rs`), so the hot path touches no line another thread
-//! writes. Cached bytes are published to a device total only when a stream cache's
-//! count drifts by `PUBLISH_STEP`.
+//! Accounting keeps the seed's meaning: `used` is bytes in live allocations. Each stream
+//! cache holds *credit*, bytes claimed in the device's `Budget` but not live: a hit
+//! spends credit, a free into the cache earns it back, and only when the credit runs
+//! out or piles up does the cache claim or return a `CACHE_CREDIT` chunk. So the hot
+//! path touches no line another thread writes, and the limit stays exact: a refused
+//! claim makes the exact path drain every cache's credit back before it reports
+//! out-of-memory. Cached bytes are published to a device total only when a stream
+//! cache's count drifts by `PUBLISH_STEP`.
 //!
 //! Blocks go back to the driver (over budget, on an out-of-memory retry, on
 //! `empty_cache`, when the allocator drops) after a device synchronize and on the
@@ -26,7 +29,8 @@
 //! have been destroyed by its owner meanwhile.
 
 use crate::types::Stream;
-use std::sync::{Mutex, MutexGuard};
+use std::cell::UnsafeCell;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 /// Largest block the cache keeps; larger ones go straight back to the driver.
 pub(crate) const MAX_CACHED: u64 = 64 << 20;
@@ -64,11 +68,18 @@ pub(crate) fn class_size(idx: usize) -> u64 {
     (m as u64) << (k - 2)
 }
 
+/// Credit a stream cache takes from the device budget at a time (and keeps at most
+/// twice of): claimed against the limit, not live.
+pub(crate) const CACHE_CREDIT: u64 = 16 << 20;
+
 /// The free lists of one (device, stream).
 pub(crate) struct Lists {
     pub(crate) free: [Vec<u64>; CLASSES],
     /// Bytes (class sizes) held in `free`.
     pub(crate) bytes: u64,
+    /// Bytes claimed in the device budget and not live: a hit spends them, a free into
+    /// the cache earns them back, so neither touches the budget's atomics.
+    pub(crate) credit: u64,
     /// `bytes` as last published to the device total.
     pub(crate) published: u64,
     pub(crate) hits: u64,
@@ -78,28 +89,111 @@ pub(crate) struct Lists {
 /// One (device, stream)'s cache.
 pub(crate) struct StreamCache {
     pub(crate) stream: Stream,
-    lists: Mutex<Lists>,
+    lists: SpinLock<Lists>,
+    /// `Lists::credit` as last written under the lock, for `used_bytes` to read without
+    /// it (Relaxed: a plain store on the owner's line; exact once operations are done).
+    pub(crate) credit: AtomicU64,
 }
 
 impl StreamCache {
     pub(crate) fn new(stream: Stream) -> Self {
         StreamCache {
             stream,
-            lists: Mutex::new(Lists {
+            lists: SpinLock::new(Lists {
                 free: std::array::from_fn(|_| Vec::new()),
                 bytes: 0,
+                credit: 0,
                 published: 0,
                 hits: 0,
                 misses: 0,
             }),
+            credit: AtomicU64::new(0),
         }
     }
 
     /// Locks the lists. Uncontended in the common case (one thread per stream); never
     /// held across a driver call or while another cache's lock is taken.
     #[inline]
-    pub(crate) fn lock(&self) -> MutexGuard<'_, Lists> {
-        self.lists.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    pub(crate) fn lock(&self) -> SpinGuard<'_, Lists> {
+        self.lists.lock()
+    }
+
+    /// Publishes the credit for `used_bytes` (call under the lock after changing it).
+    #[inline]
+    pub(crate) fn mirror_credit(&self, lists: &Lists) {
+        self.credit.store(lists.credit, Ordering::Relaxed);
+    }
+}
+
+/// A test-and-set spin lock: the stream caches' lock. In the common case one thread
+/// uses a stream and takes its lock uncontended: one compare-and-swap to lock and a
+/// plain store to unlock (a `std` mutex's unlock is a read-modify-write, to wake
+/// sleepers). Critical sections are a few list operations; a waiter yields after a
+/// short spin.
+pub(crate) struct SpinLock<T> {
+    locked: AtomicBool,
+    value: UnsafeCell<T>,
+}
+
+// Safety: the lock gives one thread at a time access to `value` (acquire on lock,
+// release on unlock), so sharing the lock shares `T` only as a `Mutex` would.
+unsafe impl<T: Send> Sync for SpinLock<T> {}
+
+/// Access to a [`SpinLock`]'s value; unlocks on drop.
+pub(crate) struct SpinGuard<'a, T> {
+    lock: &'a SpinLock<T>,
+}
+
+impl<T> SpinLock<T> {
+    pub(crate) fn new(value: T) -> Self {
+        SpinLock { locked: AtomicBool::new(false), value: UnsafeCell::new(value) }
+    }
+
+    #[inline]
+    pub(crate) fn lock(&self) -> SpinGuard<'_, T> {
+        let mut spins = 0u32;
+        // Acquire: pairs with the Release store of the previous holder's unlock.
+        while self
+            .locked
+            .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
+            while self.locked.load(Ordering::Relaxed) {
+                spins += 1;
+                if spins < 64 {
+                    std::hint::spin_loop();
+                } else {
+                    std::thread::yield_now();
+                }
+            }
+        }
+        SpinGuard { lock: self }
+    }
+}
+
+impl<T> std::ops::Deref for SpinGuard<'_, T> {
+    type Target = T;
+    #[inline]
+    fn deref(&self) -> &T {
+        // Safety: the guard exists only while this thread holds the lock.
+        unsafe { &*self.lock.value.get() }
+    }
+}
+
+impl<T> std::ops::DerefMut for SpinGuard<'_, T> {
+    #[inline]
+    fn deref_mut(&mut self) -> &mut T {
+        // Safety: the guard exists only while this thread holds the lock, and `&mut
+        // self` makes this the only reference through it.
+        unsafe { &mut *self.lock.value.get() }
+    }
+}
+
+impl<T> Drop for SpinGuard<'_, T> {
+    #[inline]
+    fn drop(&mut self) {
+        // Release: what the holder wrote is visible to the next holder's Acquire.
+        self.lock.locked.store(false, Ordering::Release);
     }
 }
 

@@ -23,7 +23,7 @@
 
 use crate::api::{BlockSnapshot, DeviceStats, StreamOrderedAllocator};
 use crate::budget::Budget;
-use crate::cache::{CacheConfig, PUBLISH_STEP, StreamCache, class_of};
+use crate::cache::{CACHE_CREDIT, CacheConfig, PUBLISH_STEP, StreamCache, class_of};
 use crate::driver::{Driver, DriverResult};
 use crate::epoch::{EpochGate, Section};
 use crate::error::{Error, OutOfMemory, Result};
@@ -368,7 +368,6 @@ impl<D: Driver> StreamAlloc<D> {
                 return Err(if e.is_oom() { self.oom(device, size) } else { e.into() });
             }
         };
-        self.freed.reused(ptr.as_raw());
         let captured = section.capturing();
         if track || captured {
             let info = BlockInfo {
@@ -392,7 +391,27 @@ impl<D: Driver> StreamAlloc<D> {
     /// S3/S7: claims `size` bytes against the limit (exactly: credit stranded in other
     /// threads' stripes is drained back before out-of-memory is declared).
     fn reserve_exact(&self, shard: &Shard, size: u64) -> Result<()> {
-        shard.budget.reserve(size).map_err(|_| self.oom(shard.device, size))
+        if shard.budget.reserve(size).is_ok() {
+            return Ok(());
+        }
+        if self.cache.enabled {
+            self.drain_credit(shard);
+            if shard.budget.reserve(size).is_ok() {
+                return Ok(());
+            }
+        }
+        Err(self.oom(shard.device, size))
+    }
+
+    /// Gives every stream cache's credit on the device back to the budget, so that an
+    /// exact claim sees every byte that is not live.
+    fn drain_credit(&self, shard: &Shard) {
+        for e in self.caches.iter().filter(|e| e.key().0 == shard.device) {
+            let sc = e.value();
+            let mut l = sc.lock();
+            shard.budget.release(std::mem::take(&mut l.credit));
+            sc.mirror_credit(&l);
+        }
     }
 
     // ----- the front cache -------------------------------------------------------------
@@ -472,10 +491,19 @@ impl<D: Driver> StreamAlloc<D> {
                 l.misses += 1;
                 return Take::Miss;
             };
-            if shard.budget.reserve(size).is_err() {
-                l.free[class].push(ptr);
-                return Take::NoCredit;
+            if l.credit < size {
+                // Refill from the device budget: a chunk, else the exact bytes.
+                let want = [size + CACHE_CREDIT, size];
+                match want.into_iter().find(|&n| shard.budget.reserve(n).is_ok()) {
+                    Some(n) => l.credit += n,
+                    None => {
+                        l.free[class].push(ptr);
+                        return Take::NoCredit;
+                    }
+                }
             }
+            l.credit -= size;
+            sc.mirror_credit(&l);
             l.bytes -= class_size;
             l.hits += 1;
             publish(shard, &mut l, false);
@@ -486,10 +514,7 @@ impl<D: Driver> StreamAlloc<D> {
             Take::Hit(ptr)
         });
         match take {
-            Take::Hit(ptr) => {
-                self.freed.reused(ptr);
-                Some(ptr)
-            }
+            Take::Hit(ptr) => Some(ptr),
             Take::Miss | Take::NoCredit => None,
         }
     }
@@ -503,7 +528,12 @@ impl<D: Driver> StreamAlloc<D> {
             self.driver.note_cached(shard.device, p, class_size as usize, stream);
             l.free[class].push(ptr);
             l.bytes += class_size;
-            shard.budget.release(size);
+            l.credit += size;
+            if l.credit > 2 * CACHE_CREDIT {
+                shard.budget.release(l.credit - CACHE_CREDIT);
+                l.credit = CACHE_CREDIT;
+            }
+            sc.mirror_credit(&l);
             publish(shard, &mut l, false)
                 && shard.cached.load(Ordering::Relaxed) > self.cache.max_bytes_per_device
         });
@@ -561,6 +591,8 @@ impl<D: Driver> StreamAlloc<D> {
             }
             l.bytes = 0;
             publish(shard, &mut l, true);
+            shard.budget.release(std::mem::take(&mut l.credit));
+            sc.mirror_credit(&l);
         }
         self.release_to_driver(shard, blocks)
     }
@@ -986,9 +1018,17 @@ impl<D: Driver> StreamOrderedAllocator for StreamAlloc<D> {
         self.epoch.capturing()
     }
 
-    /// Bytes in live allocations (exact when no operation is in flight).
+    /// Bytes in live allocations: the budget's claims less the stream caches' credit
+    /// (exact when no operation is in flight).
     fn used_bytes(&self, device: Device) -> u64 {
-        self.shards.get(device).map_or(0, |s| s.budget.used())
+        let Some(shard) = self.shards.get(device) else { return 0 };
+        let credit: u64 = self
+            .caches
+            .iter()
+            .filter(|e| e.key().0 == device)
+            .map(|e| e.value().credit.load(Ordering::Relaxed))
+            .sum();
+        shard.budget.used().saturating_sub(credit)
     }
 
     fn memory_limit(&self, device: Device) -> u64 {

@@ -4,8 +4,10 @@
 //! Freed addresses cannot all be remembered (a driver may hand out fresh addresses for
 //! ever), so each address hashes to one slot of a fixed table; a later free overwrites
 //! the slot. A second free of `p` is reported as a double free while `p` still sits in
-//! its slot, else as an unknown pointer: an error either way, never a false "double
-//! free" (an allocation that returns `p` clears its slot).
+//! its slot, else as an unknown pointer: an error either way. The table is consulted only
+//! for a pointer the allocator does not hold as live, and such a pointer that is in the
+//! table was freed before and not handed back to its caller since, so "double free" is
+//! never wrong; an allocation that returns `p` again need not clear the slot.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -32,15 +34,6 @@ impl FreedTable {
     #[inline]
     pub(crate) fn freed(&self, addr: u64) {
         self.slots[slot_of(addr)].store(addr, Ordering::Relaxed);
-    }
-
-    /// `addr` was handed out again: forget its free.
-    #[inline]
-    pub(crate) fn reused(&self, addr: u64) {
-        let slot = &self.slots[slot_of(addr)];
-        if slot.load(Ordering::Relaxed) == addr {
-            let _ = slot.compare_exchange(addr, 0, Ordering::Relaxed, Ordering::Relaxed);
-        }
     }
 
     /// Whether `addr` was freed and not handed out since (as far as the table knows).

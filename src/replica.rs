@@ -197,7 +197,6 @@ impl<D: Driver> StreamOrderedAllocator for SeedReplica<D> {
             Err(e) if e.is_oom() => return Err(self.oom(st, device, size64)),
             Err(e) => return Err(e.into()),
         };
-        self.freed.reused(ptr.as_raw());
         let info = BlockInfo {
             size: size64,
             creation_stream: stream,

@@ -26,10 +26,10 @@ impl Rng {
     }
 }
 
-fn run(cache: CacheConfig, min_ops: u64, min_time: Duration) {
+fn run(cache: CacheConfig, lane: bool, min_ops: u64, min_time: Duration) {
     let devices = 2;
     let sim = Arc::new(SimDriver::with_devices(devices, CAPACITY));
-    let alloc = StreamAlloc::with_cache(sim.clone(), cache).unwrap();
+    let alloc = StreamAlloc::with_cache(sim.clone(), cache).unwrap().with_driver_lane(lane);
     alloc.enable_peer_access(0, 1).unwrap();
     alloc.enable_peer_access(1, 0).unwrap();
     let threads = 4 * std::thread::available_parallelism().map_or(2, |n| n.get());
@@ -133,24 +133,36 @@ fn run(cache: CacheConfig, min_ops: u64, min_time: Duration) {
 
 #[test]
 fn stress_short_cached() {
-    run(CacheConfig::default(), 200_000, Duration::ZERO);
+    run(CacheConfig::default(), false, 200_000, Duration::ZERO);
 }
 
 #[test]
 fn stress_short_passthrough() {
-    run(CacheConfig::passthrough(), 200_000, Duration::ZERO);
+    run(CacheConfig::passthrough(), false, 200_000, Duration::ZERO);
+}
+
+#[test]
+fn stress_short_driver_lane() {
+    // Driver calls through the combining lane, as on CUDA.
+    run(CacheConfig::passthrough(), true, 100_000, Duration::ZERO);
 }
 
 #[test]
 fn stress_small_cache_budget() {
     // A 4 MiB cache budget: trimming runs all the time.
-    run(CacheConfig { enabled: true, max_bytes_per_device: 4 << 20 }, 100_000, Duration::ZERO);
+    run(
+        CacheConfig { enabled: true, max_bytes_per_device: 4 << 20 },
+        false,
+        100_000,
+        Duration::ZERO,
+    );
 }
 
 #[test]
 #[ignore = "long mode: STRESS_SECS=600 cargo test --release --test stress -- --ignored"]
 fn stress_long() {
     let secs = std::env::var("STRESS_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(60);
-    run(CacheConfig::default(), 0, Duration::from_secs(secs / 2));
-    run(CacheConfig::passthrough(), 0, Duration::from_secs(secs / 2));
+    run(CacheConfig::default(), true, 0, Duration::from_secs(secs / 3));
+    run(CacheConfig::passthrough(), true, 0, Duration::from_secs(secs / 3));
+    run(CacheConfig::passthrough(), false, 0, Duration::from_secs(secs / 3));
 }
