@@ -28,7 +28,7 @@ use crate::driver::{Driver, DriverResult};
 use crate::epoch::{EpochGate, Section};
 use crate::error::{Error, OutOfMemory, Result};
 use crate::freed::FreedTable;
-use crate::lane::Lane;
+use crate::lane::{DriverLane, Lane};
 use crate::types::{Device, DevicePtr, PoolAttribute, Stream, UsageStream};
 use crate::warn::{WarningCounts, Warnings};
 use arc_swap::ArcSwapOption;
@@ -134,8 +134,8 @@ pub struct StreamAlloc<D: Driver> {
     caches: DashMap<(Device, Stream), Arc<StreamCache>>,
     /// Tells this allocator's entries apart in the per-thread stream-cache memo.
     id: u64,
-    /// Whether driver allocation calls go through the device's lane (`src/lane.rs`).
-    lane: bool,
+    /// How driver allocation calls are serialized per device (`src/lane.rs`).
+    lane: DriverLane,
 }
 
 /// What a cache lookup found.
@@ -201,21 +201,23 @@ impl<D: Driver> StreamAlloc<D> {
             cache,
             caches: DashMap::new(),
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
-            lane: false,
+            lane: DriverLane::Off,
         }
         .with_driver_lane_default()
     }
 
     fn with_driver_lane_default(mut self) -> Self {
-        self.lane = self.driver.serializes_internally();
+        if self.driver.serializes_internally() {
+            self.lane = DriverLane::Lock;
+        }
         self
     }
 
-    /// Turns the driver lane on or off (default: on when the driver says it serializes
-    /// internally, as CUDA does). With the lane, one thread at a time per device calls
-    /// the driver's malloc/free; bookkeeping stays lock-free.
-    pub fn with_driver_lane(mut self, on: bool) -> Self {
-        self.lane = on;
+    /// Chooses how driver malloc/free calls are serialized per device (default: a
+    /// blocking lock when the driver says it serializes internally, as CUDA does; else
+    /// none). Bookkeeping stays lock-free either way.
+    pub fn with_driver_lane(mut self, lane: DriverLane) -> Self {
+        self.lane = lane;
         self
     }
 
@@ -227,10 +229,11 @@ impl<D: Driver> StreamAlloc<D> {
         size: usize,
         stream: Stream,
     ) -> DriverResult<DevicePtr> {
-        if self.lane {
-            self.shards[device].lane.run(|| self.driver.malloc_async(device, size, stream))
-        } else {
-            self.driver.malloc_async(device, size, stream)
+        let call = || self.driver.malloc_async(device, size, stream);
+        match self.lane {
+            DriverLane::Off => call(),
+            DriverLane::Lock => self.shards[device].lane.run_blocking(call),
+            DriverLane::Combining => self.shards[device].lane.run(call),
         }
     }
 
@@ -243,10 +246,11 @@ impl<D: Driver> StreamAlloc<D> {
         size: usize,
         stream: Stream,
     ) -> DriverResult<()> {
-        if self.lane {
-            self.shards[device].lane.run(|| self.driver.free_async(device, ptr, size, stream))
-        } else {
-            self.driver.free_async(device, ptr, size, stream)
+        let call = || self.driver.free_async(device, ptr, size, stream);
+        match self.lane {
+            DriverLane::Off => call(),
+            DriverLane::Lock => self.shards[device].lane.run_blocking(call),
+            DriverLane::Combining => self.shards[device].lane.run(call),
         }
     }
 

@@ -38,10 +38,22 @@ struct Slot {
     job: UnsafeCell<Option<Job>>,
 }
 
-/// A per-device combining lock around driver calls.
+/// How driver allocation calls are serialized per device.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum DriverLane {
+    /// No lane: threads call the driver concurrently.
+    Off,
+    /// A blocking lock per device: waiters sleep in the kernel.
+    Lock,
+    /// Flat combining: one thread runs every waiting thread's call; waiters spin.
+    Combining,
+}
+
+/// A per-device lane around driver calls (see [`DriverLane`]).
 pub(crate) struct Lane {
     combiner: CachePadded<AtomicBool>,
     slots: Box<[CachePadded<Slot>]>,
+    lock: std::sync::Mutex<()>,
 }
 
 // Safety: `job` is written only by the slot's owner between claiming the slot (WRITING)
@@ -58,7 +70,15 @@ impl Lane {
         Lane {
             combiner: CachePadded::new(AtomicBool::new(false)),
             slots: (0..SLOTS).map(|_| slot()).collect(),
+            lock: std::sync::Mutex::new(()),
         }
+    }
+
+    /// Runs `f` under the blocking lock.
+    #[inline]
+    pub(crate) fn run_blocking<R>(&self, f: impl FnOnce() -> R) -> R {
+        let _g = self.lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        f()
     }
 
     /// Runs `f` alone in the lane (on this thread or on the combiner's) and returns its

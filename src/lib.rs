@@ -22,6 +22,7 @@ pub mod core;
 mod epoch;
 mod freed;
 mod lane;
+pub use lane::DriverLane;
 pub mod replica;
 mod sync;
 #[cfg(all(test, streamalloc_loom))]

@@ -451,6 +451,9 @@ fn gpu_larger_than_card_oom() {
     expect_bytes(&drv, s, p, 4 * MIB, 3, "allocation after a driver OOM");
     alloc.free(p).unwrap();
     assert_empty(&alloc);
+    eprintln!("after the failed attempt: {:?}", alloc.device_stats(DEV).unwrap());
+    alloc.empty_cache().unwrap();
+    eprintln!("after empty_cache: {:?}", alloc.device_stats(DEV).unwrap());
     end_stream(&drv, s);
 }
 

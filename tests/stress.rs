@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use streamalloc::sim::SimDriver;
 use streamalloc::{
-    CacheConfig, DevicePtr, Error, StreamAlloc, StreamOrderedAllocator, UsageStream,
+    CacheConfig, DevicePtr, DriverLane, Error, StreamAlloc, StreamOrderedAllocator, UsageStream,
 };
 
 struct Rng(u64);
@@ -26,7 +26,7 @@ impl Rng {
     }
 }
 
-fn run(cache: CacheConfig, lane: bool, min_ops: u64, min_time: Duration) {
+fn run(cache: CacheConfig, lane: DriverLane, min_ops: u64, min_time: Duration) {
     let devices = 2;
     let sim = Arc::new(SimDriver::with_devices(devices, CAPACITY));
     let alloc = StreamAlloc::with_cache(sim.clone(), cache).unwrap().with_driver_lane(lane);
@@ -133,18 +133,19 @@ fn run(cache: CacheConfig, lane: bool, min_ops: u64, min_time: Duration) {
 
 #[test]
 fn stress_short_cached() {
-    run(CacheConfig::default(), false, 200_000, Duration::ZERO);
+    run(CacheConfig::default(), DriverLane::Off, 200_000, Duration::ZERO);
 }
 
 #[test]
 fn stress_short_passthrough() {
-    run(CacheConfig::passthrough(), false, 200_000, Duration::ZERO);
+    run(CacheConfig::passthrough(), DriverLane::Off, 200_000, Duration::ZERO);
 }
 
 #[test]
 fn stress_short_driver_lane() {
     // Driver calls through the combining lane, as on CUDA.
-    run(CacheConfig::passthrough(), true, 100_000, Duration::ZERO);
+    run(CacheConfig::passthrough(), DriverLane::Combining, 100_000, Duration::ZERO);
+    run(CacheConfig::passthrough(), DriverLane::Lock, 50_000, Duration::ZERO);
 }
 
 #[test]
@@ -152,7 +153,7 @@ fn stress_small_cache_budget() {
     // A 4 MiB cache budget: trimming runs all the time.
     run(
         CacheConfig { enabled: true, max_bytes_per_device: 4 << 20 },
-        false,
+        DriverLane::Off,
         100_000,
         Duration::ZERO,
     );
@@ -162,7 +163,7 @@ fn stress_small_cache_budget() {
 #[ignore = "long mode: STRESS_SECS=600 cargo test --release --test stress -- --ignored"]
 fn stress_long() {
     let secs = std::env::var("STRESS_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(60);
-    run(CacheConfig::default(), true, 0, Duration::from_secs(secs / 3));
-    run(CacheConfig::passthrough(), true, 0, Duration::from_secs(secs / 3));
-    run(CacheConfig::passthrough(), false, 0, Duration::from_secs(secs / 3));
+    run(CacheConfig::default(), DriverLane::Combining, 0, Duration::from_secs(secs / 3));
+    run(CacheConfig::passthrough(), DriverLane::Lock, 0, Duration::from_secs(secs / 3));
+    run(CacheConfig::passthrough(), DriverLane::Off, 0, Duration::from_secs(secs / 3));
 }

@@ -57,9 +57,18 @@ run_tests() {
         [ -f "$GPU_DIR/MANIFEST" ] && sed 's/^/# /' "$GPU_DIR/MANIFEST"
     } >"$log"
     # STREAMALLOC_GPU_REQUIRED=1: a missing driver/GPU fails the run instead of skipping.
+    # The larger-than-the-card test runs last, in a process of its own: the driver's
+    # failed attempt leaves the default pool holding most of the card's memory (it
+    # reports ~149 GB reserved on a 141 GB H200 and trimming does not give it back),
+    # which would starve the graph launches of the tests after it.
     STREAMALLOC_GPU_REQUIRED=1 RUST_BACKTRACE=1 timeout "${TEST_TIMEOUT:-420}" \
-        "$bin" --test-threads=1 --nocapture ${TEST_FILTER:-} 2>&1 | tee -a "$log"
+        "$bin" --test-threads=1 --nocapture --skip gpu_larger_than_card_oom ${TEST_FILTER:-} \
+        2>&1 | tee -a "$log"
     local rc=${PIPESTATUS[0]}
+    STREAMALLOC_GPU_REQUIRED=1 RUST_BACKTRACE=1 timeout 120 \
+        "$bin" --test-threads=1 --nocapture --exact gpu_larger_than_card_oom 2>&1 | tee -a "$log"
+    local rc2=${PIPESTATUS[0]}
+    [ "$rc" -eq 0 ] && rc=$rc2
     local result skipped
     result=$(grep -E '^test result:' "$log" | tail -1)
     skipped=$(grep -c '^SKIPPED' "$log")

@@ -21,7 +21,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use streamalloc::sim::NullDriver;
-use streamalloc::{CacheConfig, SeedReplica, StreamAlloc, UsageStream};
+use streamalloc::{CacheConfig, DriverLane, SeedReplica, StreamAlloc, UsageStream};
 use workload::{HandleApi, PtrApi, RawDriver, Workload};
 
 #[global_allocator]
@@ -51,6 +51,7 @@ const VARIANTS: &[Variant] = &[
     Variant { name: "seed_replica", on: On::Device },
     Variant { name: "streamalloc", on: On::Device },
     Variant { name: "streamalloc_nolane", on: On::Device },
+    Variant { name: "streamalloc_combining", on: On::Device },
     Variant { name: "streamalloc_cached", on: On::Device },
     Variant { name: "streamalloc_cached_ptr", on: On::Device },
     Variant { name: "seed_replica_null", on: On::Null },
@@ -89,10 +90,12 @@ fn measure<D: BenchDevice>(
                 StreamAlloc::with_cache(dev.clone(), CacheConfig::passthrough()).map_err(err)?;
             go(&PtrApi(&a), dev, streams, threads, iters)
         }
-        "streamalloc_nolane" => {
+        "streamalloc_nolane" | "streamalloc_combining" => {
+            let lane =
+                if name == "streamalloc_nolane" { DriverLane::Off } else { DriverLane::Combining };
             let a = StreamAlloc::with_cache(dev.clone(), CacheConfig::passthrough())
                 .map_err(err)?
-                .with_driver_lane(false);
+                .with_driver_lane(lane);
             go(&PtrApi(&a), dev, streams, threads, iters)
         }
         // With the front cache (the default), through the handle API and the pointer API.
@@ -367,7 +370,7 @@ fn real_main(o: Opts) -> Result<(), String> {
         }
     }
     // Peak reserved against peak live bytes with the front cache (untimed runs).
-    if wanted(&VARIANTS[4]) {
+    if wanted(&VARIANTS[5]) {
         for &t in &thread_counts {
             let r = match (&device, &device_streams) {
                 (Some(DeviceBackend::Cuda(d)), Some(s)) => {
