@@ -111,8 +111,12 @@ struct Shard {
 /// State of the capture underway (installed before the odd epoch is published).
 #[derive(Default)]
 struct Capture {
-    /// Every stream a free was issued on during the capture (S5, S15).
+    /// Every stream a free was issued on during the capture (S5, S15), joined into the
+    /// capture stream at `end_capture`.
     free_streams: DashSet<UsageStream>,
+    /// The stream the capture began on, when the caller said which (see
+    /// [`StreamAlloc::begin_capture_on`]): free streams are then joined into it at once.
+    origin: Option<UsageStream>,
 }
 
 /// The lock-free stream-ordered allocator, generic over its [`Driver`].
@@ -716,11 +720,39 @@ impl<D: Driver> StreamAlloc<D> {
         if section.capturing()
             && let Some(capture) = self.capture.load().as_ref()
         {
-            capture.free_streams.insert(free_stream);
+            self.remember_free_stream(capture, free_stream);
         }
         self.shards[device].budget.release(info.size);
         self.freed.freed(ptr);
         Ok(())
+    }
+
+    /// S15: a free stream of the capture must rejoin the capture stream before the
+    /// capture ends. With the origin known the join is made at once (PyTorch ends the
+    /// stream capture before it tells the allocator, so a join at `end_capture` would
+    /// come too late); otherwise, or if the join fails, at `end_capture`.
+    fn remember_free_stream(&self, capture: &Capture, free_stream: UsageStream) {
+        match capture.origin {
+            Some(origin) if origin == free_stream => {}
+            Some(origin) if self.driver.sync_streams(free_stream, origin).is_ok() => {}
+            _ => {
+                capture.free_streams.insert(free_stream);
+            }
+        }
+    }
+
+    /// S14 with the capture stream named: as `begin_capture`, and every stream a free is
+    /// issued on during the capture is joined back into `origin` right after that free,
+    /// so the capture may end (`cudaStreamEndCapture`) before `end_capture` is called,
+    /// as PyTorch's `CUDAGraph::capture_end` does.
+    pub fn begin_capture_on(&self, device: Device, origin: Stream) -> Result<()> {
+        self.shard(device)?;
+        let origin = Some(UsageStream::new(origin, device));
+        self.epoch.transition(
+            |underway| if underway { Err(Error::CaptureAlreadyUnderway) } else { Ok(()) },
+            || self.capture.store(Some(Arc::new(Capture { origin, ..Capture::default() }))),
+            || (),
+        )
     }
 
     /// S4: frees whose turn came because no capture is underway any more.

@@ -752,6 +752,10 @@ fn parity_scenario(
         Ok(()) => "ok".to_string(),
         Err(e) => format!("{e:?}").split([' ', '(', '{']).next().unwrap_or("").to_string(),
     };
+    // A trimmed pool for each run: an earlier out-of-memory attempt can leave the pool
+    // holding most of the card, which the captured graph's own memory would lack.
+    drv.device_synchronize(DEV).unwrap();
+    drv.pool_trim_to(DEV, 0).unwrap();
     let mut trace = Vec::new();
     let mut note = |alloc: &dyn StreamOrderedAllocator, what: &str, r: String| {
         let mut snap: Vec<String> = alloc

@@ -7,7 +7,7 @@ mod common;
 use common::*;
 use streamalloc::error::CUDA_ERROR_INVALID_VALUE;
 use streamalloc::sim::{CopyKind, SimOp};
-use streamalloc::{DevicePtr, Error, PoolAttribute, Stream, UsageStream};
+use streamalloc::{DevicePtr, Error, PoolAttribute, Stream, StreamOrderedAllocator, UsageStream};
 
 #[test]
 fn s1_init_sizes_devices_and_creates_no_context() {
@@ -668,4 +668,36 @@ fn block_handle_frees_on_drop() {
     assert!(alloc.snapshot().is_empty());
     let _unused: Stream = st.stream;
     assert!(sim.reports().is_empty());
+}
+
+#[test]
+fn capture_ended_before_the_allocator_hears_of_it_pytorch_order() {
+    // PyTorch's CUDAGraph::capture_end calls cudaStreamEndCapture *before*
+    // endAllocateToPool. With the capture stream named at begin, every free stream is
+    // joined back at once, so the stream capture ends cleanly; without it the side and
+    // unifying streams would be left unjoined.
+    for named in [true, false] {
+        let sim = std::sync::Arc::new(streamalloc::sim::SimDriver::with_devices(1, CAPACITY));
+        let alloc = streamalloc::StreamAlloc::new(sim.clone()).unwrap();
+        let (cap, side) = (sim.new_usage_stream(0).unwrap(), sim.new_usage_stream(0).unwrap());
+        if named {
+            alloc.begin_capture_on(0, cap.stream).unwrap();
+        } else {
+            alloc.begin_capture(0).unwrap();
+        }
+        sim.begin_capture(cap).unwrap();
+        sim.wait(side, cap).unwrap(); // fork
+        let b = alloc.malloc(0, 1 << 16, side.stream).unwrap();
+        sim.launch(side, &[b]).unwrap();
+        sim.wait(cap, side).unwrap(); // the user's join
+        sim.launch(cap, &[b]).unwrap();
+        alloc.record_stream(b, cap).unwrap();
+        alloc.free(b).unwrap(); // through the unifying stream, after the join
+        let ended = sim.end_capture(cap);
+        alloc.end_capture(0, cap.stream).unwrap();
+        assert_eq!(ended.is_ok(), named, "{:?}", sim.reports());
+        if named {
+            assert!(sim.reports().is_empty(), "{:?}", sim.reports());
+        }
+    }
 }

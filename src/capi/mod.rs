@@ -286,6 +286,23 @@ fn device_of(a: &StreamAlloc<Arc<dyn Driver>>, ptr: DevicePtr) -> Result<Device,
         .ok_or_else(|| Error::UnknownPointer { ptr }.into())
 }
 
+/// Whether `STREAMALLOC_TRACE=1`: every hook call is printed to stderr (debugging).
+fn tracing() -> bool {
+    static TRACE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *TRACE.get_or_init(|| std::env::var("STREAMALLOC_TRACE").is_ok_and(|v| v == "1"))
+}
+
+/// What the allocator knows of `ptr`, for traces.
+fn describe(a: &StreamAlloc<Arc<dyn Driver>>, ptr: DevicePtr) -> String {
+    match a.snapshot().into_iter().find(|b| b.ptr == ptr) {
+        Some(b) => format!(
+            "size {} creation {:?} captured {} deferred {} recorded {:?}",
+            b.size, b.creation_stream.stream, b.captured, b.free_deferred, b.recorded_streams
+        ),
+        None => "untracked".to_string(),
+    }
+}
+
 // ----- PyTorch's CUDAPluggableAllocator hooks -----
 
 /// Allocates `size` bytes on `device`, ordered on `stream`
@@ -296,8 +313,14 @@ pub extern "C" fn streamalloc_alloc(size: usize, device: c_int, stream: CudaStre
     boundary(std::ptr::null_mut(), || {
         let a = alloc()?;
         let d = self::device(a, device)?;
-        let p = a.malloc(d, size, self::stream(stream))?;
-        Ok(p.as_raw() as usize as *mut c_void)
+        let r = a.malloc(d, size, self::stream(stream));
+        if tracing() {
+            let cap = a.capture_underway();
+            eprintln!(
+                "streamalloc trace: alloc {size} dev {d} stream {stream:?} capture {cap}: {r:?}"
+            );
+        }
+        Ok(r?.as_raw() as usize as *mut c_void)
     })
 }
 
@@ -312,7 +335,13 @@ pub extern "C" fn streamalloc_free(
     _stream: CudaStream,
 ) {
     boundary((), || {
-        let r = alloc()?.free(dptr(ptr));
+        let a = alloc()?;
+        let what = if tracing() { describe(a, dptr(ptr)) } else { String::new() };
+        let r = a.free(dptr(ptr));
+        if tracing() {
+            let cap = a.capture_underway();
+            eprintln!("streamalloc trace: free {ptr:?} ({what}) capture {cap}: {r:?}");
+        }
         if let Err(e) = &r {
             log::warn!("streamalloc_free({ptr:?}): {e}");
         }
@@ -395,7 +424,11 @@ pub extern "C" fn streamalloc_record_stream_on(
     status(|| {
         let a = alloc()?;
         let d = self::device(a, stream_device)?;
-        Ok(a.record_stream(dptr(ptr), UsageStream::new(self::stream(stream), d))?)
+        let r = a.record_stream(dptr(ptr), UsageStream::new(self::stream(stream), d));
+        if tracing() {
+            eprintln!("streamalloc trace: record_stream {ptr:?} stream {stream:?} dev {d}: {r:?}");
+        }
+        Ok(r?)
     })
 }
 
@@ -443,7 +476,29 @@ pub extern "C" fn streamalloc_empty_cache() -> c_int {
 pub extern "C" fn streamalloc_begin_capture(device: c_int) -> c_int {
     status(|| {
         let a = alloc()?;
-        Ok(a.begin_capture(self::device(a, device)?)?)
+        let r = a.begin_capture(self::device(a, device)?);
+        if tracing() {
+            eprintln!("streamalloc trace: begin_capture dev {device}: {r:?}");
+        }
+        Ok(r?)
+    })
+}
+
+/// A capture begins on `device` on `capture_stream` (S14): as
+/// [`streamalloc_begin_capture`], and every stream a free is issued on during the
+/// capture is joined back into `capture_stream` at once, so the capture may end before
+/// [`streamalloc_end_capture`] is called (PyTorch's order). Returns the status code.
+#[unsafe(no_mangle)]
+pub extern "C" fn streamalloc_begin_capture_on(device: c_int, capture_stream: CudaStream) -> c_int {
+    status(|| {
+        let a = alloc()?;
+        let r = a.begin_capture_on(self::device(a, device)?, stream(capture_stream));
+        if tracing() {
+            eprintln!(
+                "streamalloc trace: begin_capture_on dev {device} stream {capture_stream:?}: {r:?}"
+            );
+        }
+        Ok(r?)
     })
 }
 
@@ -454,7 +509,13 @@ pub extern "C" fn streamalloc_begin_capture(device: c_int) -> c_int {
 pub extern "C" fn streamalloc_end_capture(device: c_int, capture_stream: CudaStream) -> c_int {
     status(|| {
         let a = alloc()?;
-        Ok(a.end_capture(self::device(a, device)?, stream(capture_stream))?)
+        let r = a.end_capture(self::device(a, device)?, stream(capture_stream));
+        if tracing() {
+            eprintln!(
+                "streamalloc trace: end_capture dev {device} stream {capture_stream:?}: {r:?}"
+            );
+        }
+        Ok(r?)
     })
 }
 

@@ -95,6 +95,11 @@ int streamalloc_empty_cache(void);
  * process: a second is code 4. Frees of blocks allocated outside the capture are
  * deferred until it ends. */
 int streamalloc_begin_capture(int device);
+/* As streamalloc_begin_capture, naming the capture stream: every stream a free is issued
+ * on during the capture is joined back into capture_stream right away, so the capture
+ * may end (cudaStreamEndCapture) before streamalloc_end_capture is called, as PyTorch's
+ * CUDAGraph::capture_end does. */
+int streamalloc_begin_capture_on(int device, cudaStream_t capture_stream);
 /* The capture is about to end (call before cudaStreamEndCapture): capture_stream waits
  * on every stream a free was issued on during the capture. No capture: code 4. */
 int streamalloc_end_capture(int device, cudaStream_t capture_stream);

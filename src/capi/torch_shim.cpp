@@ -9,9 +9,11 @@
 //    torch.OutOfMemoryError (alias torch.cuda.OutOfMemoryError). So the shim's alloc
 //    throws c10::OutOfMemoryError with the library's message (the seed's fields) when
 //    streamalloc_alloc returns NULL for size > 0 with last error code 1.
-//  * Graph capture follows the seed: beginAllocateToPool -> streamalloc_begin_capture,
-//    endAllocateToPool -> streamalloc_end_capture(device, current stream of device)
-//    (PyTorch calls it before cudaStreamEndCapture), releasePool -> nothing.
+//  * Graph capture follows the seed: beginAllocateToPool -> streamalloc_begin_capture_on
+//    (device, the capture stream), endAllocateToPool -> streamalloc_end_capture(device,
+//    current stream of device), releasePool -> nothing. PyTorch 2.x calls
+//    cudaStreamEndCapture before endAllocateToPool, so free streams are joined into the
+//    capture stream as they appear rather than at the end.
 //  * recordStream gets the stream's own device (S24): the class overrides recordStream,
 //    where the plain hook would only see a cudaStream_t.
 //  * init, emptyCache (reset), setMemoryFraction and getBaseAllocation are routed to
@@ -41,7 +43,7 @@ using status_fn_t = int (*)();
 using fraction_fn_t = void (*)(double, int);
 using base_alloc_fn_t = void* (*)(void*, size_t*);
 using record_on_fn_t = int (*)(void*, cudaStream_t, int);
-using begin_fn_t = int (*)(int);
+using begin_fn_t = int (*)(int, cudaStream_t);
 using end_fn_t = int (*)(int, cudaStream_t);
 using last_error_fn_t = int (*)(char*, size_t);
 
@@ -139,7 +141,7 @@ void install(const std::string& lib_path) {
   lib.set_fraction = sym<fraction_fn_t>(h, "streamalloc_set_memory_fraction");
   lib.base_alloc = sym<base_alloc_fn_t>(h, "streamalloc_base_alloc");
   lib.record_on = sym<record_on_fn_t>(h, "streamalloc_record_stream_on");
-  lib.begin_capture = sym<begin_fn_t>(h, "streamalloc_begin_capture");
+  lib.begin_capture = sym<begin_fn_t>(h, "streamalloc_begin_capture_on");
   lib.end_capture = sym<end_fn_t>(h, "streamalloc_end_capture");
   lib.last_error = sym<last_error_fn_t>(h, "streamalloc_last_error");
 
@@ -166,7 +168,12 @@ void install(const std::string& lib_path) {
   });
   a->set_begin_allocate_to_pool(
       [](int device, c10::cuda::MempoolId_t, std::function<bool(cudaStream_t)>) {
-        if (lib.begin_capture(device) != 0) {
+        // CUDAGraph::capture_begin runs on the capture stream: name it, so free streams
+        // are joined into it as they appear (capture_end ends the stream capture
+        // before it calls endAllocateToPool).
+        cudaStream_t s =
+            c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(device)).stream();
+        if (lib.begin_capture(device, s) != 0) {
           check("begin_capture");
         }
       });
