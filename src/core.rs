@@ -43,11 +43,25 @@ use std::sync::{Arc, Mutex, OnceLock};
 /// Allocations of this size or more are refused outright (S3), as the seed does.
 pub const ONE_EXBIBYTE: u64 = 1 << 60;
 
-/// A cheap hasher for device addresses: one multiply (Fibonacci hashing). Addresses are
-/// aligned, so the low bits carry nothing; the multiply spreads the middle bits into the
-/// high bits that hashbrown and dashmap's shard selection use.
+/// Shards of the block map (dashmap's shard count; a power of two).
+const MAP_SHARDS: usize = 256;
+/// Addresses within one 2 MiB granule go to the same map shard.
+const GRANULE_SHIFT: u32 = 21;
+
+/// A cheap hasher for device addresses, shaped for the block map.
+///
+/// dashmap picks a shard from the 8 bits below the top 7 (those are hashbrown's tag),
+/// hashbrown a bucket from the low bits. Here the tag and the bucket bits come from a
+/// Fibonacci hash of the whole address, but the shard bits from a hash of its 2 MiB
+/// *granule*: a thread that keeps reusing its own blocks (a stream's cache, a null
+/// driver's per-thread range) keeps to its own shards, so their lock and data lines stay
+/// in its core's cache instead of moving between cores on every operation. Blocks of
+/// different threads in one granule share a shard, as with any hash.
 #[derive(Default, Clone, Copy)]
 pub struct PtrHasher(u64);
+
+/// The bits of the hash that select the map shard (see [`PtrHasher`]).
+const SHARD_BITS: u64 = ((MAP_SHARDS as u64) - 1) << (64 - 7 - MAP_SHARDS.trailing_zeros());
 
 impl Hasher for PtrHasher {
     #[inline]
@@ -65,7 +79,9 @@ impl Hasher for PtrHasher {
 
     #[inline]
     fn write_u64(&mut self, v: u64) {
-        self.0 = (v ^ (v >> 29)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let whole = (v ^ (v >> 29)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let granule = (v >> GRANULE_SHIFT).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        self.0 = (whole & !SHARD_BITS) | (granule & SHARD_BITS);
     }
 }
 
@@ -196,7 +212,10 @@ impl<D: Driver> StreamAlloc<D> {
         StreamAlloc {
             driver,
             shards,
-            blocks: DashMap::with_hasher_and_shard_amount(BuildHasherDefault::default(), 256),
+            blocks: DashMap::with_hasher_and_shard_amount(
+                BuildHasherDefault::default(),
+                MAP_SHARDS,
+            ),
             epoch: EpochGate::new(),
             capture: ArcSwapOption::empty(),
             deferred: SegQueue::new(),

@@ -20,9 +20,10 @@ pub(crate) struct FreedTable {
 
 #[inline]
 fn slot_of(addr: u64) -> usize {
-    // Addresses are at least 256-byte aligned: mix the high bits down.
-    let h = (addr >> 8).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    (h >> 52) as usize & (SLOTS - 1)
+    // The cache line (8 slots) from the address's 2 MiB granule, the slot in it from the
+    // address: a thread freeing its own blocks keeps to its own lines.
+    let line = ((addr >> 21).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 55) as usize;
+    (line * 8 + ((addr >> 9) & 7) as usize) & (SLOTS - 1)
 }
 
 impl FreedTable {
