@@ -71,7 +71,10 @@ impl Budget {
     #[inline]
     pub(crate) fn reserve(&self, size: u64) -> Result<(), u64> {
         let credit = &self.credit[thread_stripe(STRIPES)];
-        let mut have = credit.load(Ordering::Relaxed);
+        // Credit may be spent only while the claims are within the limit (a lowered limit,
+        // or bytes freed into credit after it, can leave them above): then live bytes,
+        // which never exceed the claims, stay within it too.
+        let mut have = if self.within_limit() { credit.load(Ordering::Relaxed) } else { 0 };
         while have >= size {
             match credit.compare_exchange_weak(
                 have,
@@ -93,6 +96,13 @@ impl Budget {
         // Exact: bring every stripe's credit back, then try once more.
         self.drain();
         if self.claim(size) { Ok(()) } else { Err(self.used()) }
+    }
+
+    /// Whether the claims (live bytes and credit) are within the limit: the condition
+    /// for spending credit without a claim.
+    #[inline]
+    pub(crate) fn within_limit(&self) -> bool {
+        self.reserved.load(Ordering::Relaxed) <= self.limit.load(Ordering::Relaxed)
     }
 
     /// Gives back `size` live bytes (they become this stripe's credit).
@@ -139,9 +149,11 @@ impl Budget {
         self.limit.load(Ordering::Relaxed)
     }
 
-    /// Sets the user limit (S7). Bytes already in use are not affected.
+    /// Sets the user limit (S7). Bytes already in use are not affected; credit goes back,
+    /// so that the next claims are checked against the new limit.
     pub(crate) fn set_limit(&self, limit: u64) {
         self.limit.store(limit, Ordering::Relaxed);
+        self.drain();
     }
 }
 

@@ -518,6 +518,10 @@ impl<D: Driver> StreamAlloc<D> {
                 l.misses += 1;
                 return Take::Miss;
             };
+            if !shard.budget.within_limit() {
+                // The limit was lowered under the claims: spend no credit, claim exactly.
+                shard.budget.release(std::mem::take(&mut l.credit));
+            }
             if l.credit < size {
                 // Refill from the device budget: a chunk, else the exact bytes.
                 let want = [size + CACHE_CREDIT, size];
@@ -914,6 +918,7 @@ impl<D: Driver> StreamOrderedAllocator for StreamAlloc<D> {
         let shard = self.lazy_init(self.shard(device)?)?;
         let info = self.driver.mem_get_info(device)?;
         shard.budget.set_limit((fraction * info.total as f64) as u64);
+        self.drain_credit(shard);
         Ok(())
     }
 

@@ -16,19 +16,22 @@
 //! `end_capture`'s grace period ends, every free that decided "capture" has remembered
 //! its free stream, so the join that follows sees them all.
 //!
-//! Orderings: the reader's announce (`fetch_add`) and re-read are `SeqCst`, and so are
-//! the writer's publish and its reads of the counters: a store-load (Dekker) pattern that
-//! needs a single total order. Either the writer's counter read sees the announce (and
-//! waits for the section to end), or the reader's re-read sees the new epoch (and the
-//! reader retries under it). The section's end is a `Release` decrement that pairs with
-//! the writer's `SeqCst` (hence acquire) counter reads: the section's effects (a
-//! remembered free stream) are visible to the writer once it sees the counter drop.
+//! Orderings: a store-load (Dekker) pattern, made with a `SeqCst` fence on each side:
+//! the reader announces (`fetch_add`), fences, re-reads the word; the writer publishes
+//! the word, fences, reads the counters. The two fences are totally ordered: if the
+//! writer's comes first, the reader's re-read sees the new epoch (and the reader retries
+//! under it); if the reader's comes first, the writer's counter read sees the announce
+//! (and it waits for the section to end). (Fences rather than `SeqCst` accesses: loom
+//! models `SeqCst` fences but treats `SeqCst` loads and stores as acquire/release, and
+//! the fence states the pattern where it is relied on.) The section's end is a `Release`
+//! decrement that pairs with the writer's `Acquire` counter reads: what the section did
+//! (remembering a free stream) is visible to the writer once it sees the counter drop.
 //!
 //! The detailed capture state (the set of free streams) sits behind an `ArcSwapOption`
-//! that the writer stores before publishing an odd epoch: a reader that saw the odd
-//! epoch (an acquire by `SeqCst`) sees the capture.
+//! that the writer stores before publishing an odd epoch with `Release`: a reader that
+//! read the odd epoch with `Acquire` sees the capture.
 
-use crate::sync::{AtomicU64, AtomicUsize, Mutex, Ordering, lock, spin_wait, thread_stripe};
+use crate::sync::{AtomicU64, AtomicUsize, Mutex, Ordering, fence, lock, spin_wait, thread_stripe};
 use crossbeam::utils::CachePadded;
 
 /// Counters per parity; threads are spread over them round-robin so a section's announce
@@ -78,8 +81,9 @@ impl EpochGate {
     }
 
     /// Whether a capture is underway now (a plain read, outside any section).
+    #[inline]
     pub(crate) fn capturing(&self) -> bool {
-        self.word.load(Ordering::SeqCst) & 1 == 1
+        self.word.load(Ordering::Acquire) & 1 == 1
     }
 
     /// Begins a read section.
@@ -87,12 +91,14 @@ impl EpochGate {
     pub(crate) fn enter(&self) -> Section<'_> {
         let s = thread_stripe(STRIPES);
         loop {
-            let epoch = self.word.load(Ordering::SeqCst);
+            let epoch = self.word.load(Ordering::Acquire);
             let counter = &*self.readers[(epoch & 1) as usize][s];
-            counter.fetch_add(1, Ordering::SeqCst);
+            counter.fetch_add(1, Ordering::Relaxed);
+            // Pairs with the writer's fence in `transition` (see the module docs).
+            fence(Ordering::SeqCst);
             // Re-read: if a writer published meanwhile it may already have checked our
             // counter; retry under the new epoch.
-            if self.word.load(Ordering::SeqCst) == epoch {
+            if self.word.load(Ordering::Acquire) == epoch {
                 return Section { counter, epoch };
             }
             counter.fetch_sub(1, Ordering::Release);
@@ -111,18 +117,21 @@ impl EpochGate {
         after_grace: impl FnOnce() -> T,
     ) -> Result<T, E> {
         let _w = lock(&self.writer);
-        let old = self.word.load(Ordering::SeqCst);
+        let old = self.word.load(Ordering::Acquire);
         check(old & 1 == 1)?;
         before_publish();
-        self.word.store(old + 1, Ordering::SeqCst);
+        // Release: a reader that reads the new word sees what `before_publish` installed.
+        self.word.store(old + 1, Ordering::Release);
+        // Pairs with the reader's fence in `enter` (see the module docs).
+        fence(Ordering::SeqCst);
         self.wait_readers((old & 1) as usize);
         Ok(after_grace())
     }
 
     fn wait_readers(&self, parity: usize) {
         for counter in self.readers[parity].iter() {
-            // SeqCst: the load side of the store-load pattern described above.
-            while counter.load(Ordering::SeqCst) != 0 {
+            // Acquire: pairs with the Release decrement that ends a section.
+            while counter.load(Ordering::Acquire) != 0 {
                 spin_wait();
             }
         }

@@ -5,12 +5,12 @@
 //! on loom's types and model-checked; otherwise they use `std`'s.
 
 #[cfg(not(streamalloc_loom))]
-pub(crate) use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+pub(crate) use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering, fence};
 #[cfg(not(streamalloc_loom))]
 pub(crate) use std::sync::{Mutex, MutexGuard};
 
 #[cfg(streamalloc_loom)]
-pub(crate) use loom::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+pub(crate) use loom::sync::atomic::{AtomicU64, AtomicUsize, Ordering, fence};
 #[cfg(streamalloc_loom)]
 pub(crate) use loom::sync::{Mutex, MutexGuard};
 
