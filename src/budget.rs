@@ -162,6 +162,20 @@ mod tests {
     use super::*;
 
     #[test]
+    fn credit_does_not_outlive_a_lowered_limit() {
+        // Found by the loom model: bytes freed into credit before (or after) the limit
+        // was lowered must not let a later claim past the new limit.
+        let b = Budget::new();
+        b.reserve(50).unwrap();
+        b.set_limit(40);
+        b.release(50);
+        assert_eq!(b.used(), 0);
+        assert!(b.reserve(41).is_err());
+        b.reserve(40).unwrap();
+        assert_eq!(b.used(), 40);
+    }
+
+    #[test]
     fn exact_at_the_limit_with_credit_stranded() {
         let b = Budget::new();
         b.set_limit(100 << 20);
