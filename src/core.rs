@@ -119,7 +119,21 @@ pub struct StreamAlloc<D: Driver> {
     /// Pointers whose free waits until no capture is underway (S4).
     deferred: SegQueue<u64>,
     freed: FreedTable,
+    /// `cache_info` trial blocks whose free failed (S9): the driver still holds them
+    /// and nobody owns them. Freed again at the next `cache_info`, `empty_cache` or
+    /// driver out-of-memory outside a capture.
+    orphans: SegQueue<Orphan>,
     warnings: Warnings,
+}
+
+/// A trial block of `cache_info` that could not be freed: device, address, size, and
+/// the stream it was allocated on (its free must be ordered after that).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Orphan {
+    pub(crate) device: Device,
+    pub(crate) ptr: DevicePtr,
+    pub(crate) size: u64,
+    pub(crate) stream: Stream,
 }
 
 impl<D: Driver> StreamAlloc<D> {
@@ -147,6 +161,7 @@ impl<D: Driver> StreamAlloc<D> {
             capture: ArcSwapOption::empty(),
             deferred: SegQueue::new(),
             freed: FreedTable::new(),
+            orphans: SegQueue::new(),
             warnings: Warnings::default(),
         }
     }
@@ -281,6 +296,25 @@ impl<D: Driver> StreamAlloc<D> {
         }
     }
 
+    /// Frees the orphaned `cache_info` trial blocks (none while a capture is underway:
+    /// their streams may be capturing). Returns whether any was freed.
+    fn free_orphans(&self) -> Result<bool> {
+        if self.epoch.capturing() {
+            return Ok(false);
+        }
+        let mut freed_any = false;
+        // At most the current length: a failing free is pushed back, not retried here.
+        for _ in 0..self.orphans.len() {
+            let Some(o) = self.orphans.pop() else { break };
+            if let Err(e) = self.driver.free_async(o.device, o.ptr, o.size as usize, o.stream) {
+                self.orphans.push(o);
+                return Err(e.into());
+            }
+            freed_any = true;
+        }
+        Ok(freed_any)
+    }
+
     /// The deferred-free flush for callers outside malloc (tests, empty_cache users).
     pub fn flush_deferred_frees(&self) -> Result<()> {
         let section = self.epoch.enter();
@@ -321,6 +355,13 @@ impl<D: Driver> StreamOrderedAllocator for StreamAlloc<D> {
             return Err(self.oom(device, size64, allocated));
         }
         let ptr = match self.driver.malloc_async(device, size, stream) {
+            // Memory a failed cache_info free left behind may be what is missing.
+            Err(e) if e.is_oom() && self.free_orphans().unwrap_or(false) => {
+                self.driver.malloc_async(device, size, stream)
+            }
+            r => r,
+        };
+        let ptr = match ptr {
             Ok(ptr) => ptr,
             Err(e) => {
                 shard.budget.release(size64);
@@ -408,21 +449,22 @@ impl<D: Driver> StreamOrderedAllocator for StreamAlloc<D> {
     }
 
     fn empty_cache(&self) -> Result<()> {
-        let mut first_error = None;
+        let mut first_error = self.free_orphans().err();
         for shard in self.shards.iter().filter(|s| s.unifying.get().is_some()) {
             let r = self
                 .driver
                 .device_synchronize(shard.device)
                 .and_then(|_| self.driver.pool_trim_to(shard.device, 0));
             if let Err(e) = r {
-                first_error.get_or_insert(e);
+                first_error.get_or_insert(e.into());
             }
         }
-        first_error.map_or(Ok(()), |e| Err(e.into()))
+        first_error.map_or(Ok(()), Err)
     }
 
     fn cache_info(&self, device: Device, stream: Stream) -> Result<u64> {
         let shard = self.lazy_init(self.shard(device)?)?;
+        self.free_orphans()?;
         let info = self.driver.mem_get_info(device)?;
         let used = shard.budget.used();
         let limit = shard.budget.limit();
@@ -434,8 +476,13 @@ impl<D: Driver> StreamOrderedAllocator for StreamAlloc<D> {
             }
             if used.saturating_add(guess) <= limit {
                 match self.driver.malloc_async(device, guess as usize, stream) {
-                    Ok(p) => {
-                        self.driver.free_async(device, p, guess as usize, stream)?;
+                    Ok(ptr) => {
+                        if let Err(e) = self.driver.free_async(device, ptr, guess as usize, stream)
+                        {
+                            let size = guess;
+                            self.orphans.push(Orphan { device, ptr, size, stream });
+                            return Err(e.into());
+                        }
                         return Ok(guess);
                     }
                     Err(e) if e.is_oom() => {}

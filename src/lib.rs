@@ -5,6 +5,7 @@ pub mod api;
 pub mod cuda;
 pub mod driver;
 pub mod error;
+pub mod fuzzing;
 pub mod sim;
 pub mod types;
 

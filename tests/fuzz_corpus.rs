@@ -1,0 +1,84 @@
+//! Replays every input kept in `fuzz/corpus/` through the fuzz targets' interpreter, in
+//! plain `cargo test`: `fuzz/corpus/ops` (and `c_abi`, same format) through
+//! `run_differential`, `fuzz/corpus/faults` through `run_faults`. Inputs are decoded the
+//! way `libfuzzer-sys` decodes them, so a file the fuzzer saved (a finding, a corpus
+//! entry) replays exactly.
+//!
+//! `FUZZ_REPLAY=<file> cargo test --test fuzz_corpus replay_one -- --nocapture` replays
+//! one file (an `ops` input, or a `faults` input when its path contains "faults") and
+//! prints the decoded operations.
+
+use std::path::{Path, PathBuf};
+use streamalloc::fuzzing::{FaultsInput, Op, decode, run_differential, run_faults};
+
+fn corpus(target: &str) -> Vec<PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus").join(target);
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.is_file()).collect())
+        .unwrap_or_default();
+    files.sort();
+    files
+}
+
+fn replay_ops(path: &Path) -> Result<(), String> {
+    let data = std::fs::read(path).map_err(|e| e.to_string())?;
+    match decode::<Vec<Op>>(&data) {
+        Some(ops) => run_differential(&ops),
+        None => Ok(()),
+    }
+}
+
+fn replay_faults(path: &Path) -> Result<(), String> {
+    let data = std::fs::read(path).map_err(|e| e.to_string())?;
+    match decode::<FaultsInput>(&data) {
+        Some(input) => run_faults(&input.ops, &input.faults),
+        None => Ok(()),
+    }
+}
+
+fn replay_all(target: &str, replay: fn(&Path) -> Result<(), String>) {
+    let files = corpus(target);
+    assert!(!files.is_empty(), "fuzz/corpus/{target} is empty");
+    let failures: Vec<String> = files
+        .iter()
+        .filter_map(|f| replay(f).err().map(|e| format!("{}: {e}", f.display())))
+        .collect();
+    assert!(failures.is_empty(), "{} of {} failed:\n{}", failures.len(), files.len(), failures.join("\n"));
+}
+
+#[test]
+fn ops_corpus_replays_clean() {
+    replay_all("ops", replay_ops);
+}
+
+#[test]
+fn faults_corpus_replays_clean() {
+    replay_all("faults", replay_faults);
+}
+
+#[test]
+fn c_abi_corpus_replays_clean() {
+    // The c_abi target is a skeleton running the differential oracle (see its source).
+    if !corpus("c_abi").is_empty() {
+        replay_all("c_abi", replay_ops);
+    }
+}
+
+#[test]
+fn replay_one() {
+    let Ok(path) = std::env::var("FUZZ_REPLAY") else { return };
+    let path = PathBuf::from(path);
+    let data = std::fs::read(&path).unwrap();
+    let r = if path.to_string_lossy().contains("faults") {
+        let input = decode::<FaultsInput>(&data);
+        println!("{input:#?}");
+        replay_faults(&path)
+    } else {
+        let ops = decode::<Vec<Op>>(&data);
+        println!("{ops:#?}");
+        replay_ops(&path)
+    };
+    if let Err(e) = r {
+        panic!("{e}");
+    }
+}
