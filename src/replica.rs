@@ -253,18 +253,19 @@ impl<D: Driver> StreamOrderedAllocator for SeedReplica<D> {
         if info.free_deferred {
             return Err(Error::DoubleFree { ptr });
         }
-        if st.capture_underway {
-            if !info.captured {
-                info.free_deferred = true;
-                self.warnings.uncaptured_free_during_capture(ptr);
-                st.ungraphed_ptrs_defer_free_until_no_capture.push(key);
-                return Ok(());
-            }
-        } else if info.captured {
+        if st.capture_underway && !info.captured {
+            info.free_deferred = true;
+            self.warnings.uncaptured_free_during_capture(ptr);
+            st.ungraphed_ptrs_defer_free_until_no_capture.push(key);
+            return Ok(());
+        }
+        let captured_free_outside_capture = !st.capture_underway && info.captured;
+        let device = info.device as Device;
+        // The seed reports an earlier CUDA error before it warns (S23).
+        self.driver.check_last_error(device)?;
+        if captured_free_outside_capture {
             self.warnings.captured_free_outside_capture(ptr);
         }
-        let device = info.device as Device;
-        self.driver.check_last_error(device)?;
         let info = st.ptr_info.remove(&key).expect("found above under the same lock");
         if let Err(e) = self.free_impl(st, key, &info) {
             st.ptr_info.insert(key, info);
@@ -395,10 +396,13 @@ impl<D: Driver> StreamOrderedAllocator for SeedReplica<D> {
 
     fn begin_capture(&self, _device: Device) -> Result<()> {
         let mut st = self.lock();
-        debug_assert!(st.capture_free_streams.is_empty());
+        // The seed asserts the set is empty before checking for a capture underway, so
+        // a second begin during a capture that freed something trips the assert; here it
+        // is the same error as any second begin (the set is empty outside a capture).
         if st.capture_underway {
             return Err(Error::CaptureAlreadyUnderway);
         }
+        debug_assert!(st.capture_free_streams.is_empty());
         st.capture_underway = true;
         Ok(())
     }
