@@ -43,7 +43,13 @@ fn replay_all(target: &str, replay: fn(&Path) -> Result<(), String>) {
         .iter()
         .filter_map(|f| replay(f).err().map(|e| format!("{}: {e}", f.display())))
         .collect();
-    assert!(failures.is_empty(), "{} of {} failed:\n{}", failures.len(), files.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} of {} failed:\n{}",
+        failures.len(),
+        files.len(),
+        failures.join("\n")
+    );
 }
 
 #[test]
@@ -135,6 +141,12 @@ fn hand_written_programs_run_clean() {
             Op::RecordStream { slot: 1, stream: 0 },
             Op::Wait { waiter: 1, on: 4 },
             Op::Free { slot: 0 },
+            Op::EnablePeer { accessor: 1, owner: 0 },
+            Op::EnablePeer { accessor: 2, owner: 0 },
+            Op::Use { slot: 0, stream: 4 },
+            Op::Copy { dst: 0, src: 1, stream: 1, count: 100, p2p: true },
+            Op::Copy { dst: 1, src: 0, stream: 5, count: 600, p2p: false },
+            Op::CopySync { dst: 0, src: 0, count: 7 },
             Op::Sync,
             alloc(0, SizeSel::Bench(0), 1),
             Op::Free { slot: 0 },
