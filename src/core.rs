@@ -148,6 +148,10 @@ pub struct StreamAlloc<D: Driver> {
     /// Pointers whose free waits until no capture is underway (S4).
     deferred: SegQueue<u64>,
     freed: FreedTable,
+    /// `cache_info` trial blocks whose free failed (S9): the driver still holds them
+    /// and nobody owns them. Freed again at the next `cache_info`, `empty_cache` or
+    /// driver out-of-memory outside a capture.
+    orphans: SegQueue<Orphan>,
     warnings: Warnings,
     /// The front cache's settings and its per-(device, stream) caches.
     cache: CacheConfig,
@@ -175,6 +179,16 @@ thread_local! {
     static MEMO: RefCell<Vec<MemoEntry>> = const { RefCell::new(Vec::new()) };
 }
 const MEMO_ENTRIES: usize = 4;
+
+/// A trial block of `cache_info` that could not be freed: device, address, size, and
+/// the stream it was allocated on (its free must be ordered after that).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Orphan {
+    pub(crate) device: Device,
+    pub(crate) ptr: DevicePtr,
+    pub(crate) size: u64,
+    pub(crate) stream: Stream,
+}
 
 impl<D: Driver> StreamAlloc<D> {
     /// S1: an allocator for every device the driver reports. Creates no context.
@@ -220,6 +234,7 @@ impl<D: Driver> StreamAlloc<D> {
             capture: ArcSwapOption::empty(),
             deferred: SegQueue::new(),
             freed: FreedTable::new(),
+            orphans: SegQueue::new(),
             warnings: Warnings::default(),
             cache,
             caches: DashMap::new(),
@@ -383,10 +398,13 @@ impl<D: Driver> StreamAlloc<D> {
         self.reserve_exact(shard, size)?;
         let alloc_size = self.driver_size(size) as usize;
         let mut result = self.driver_malloc(device, alloc_size, stream);
-        if matches!(&result, Err(e) if e.is_oom()) && self.cache.enabled && !section.capturing() {
-            // Cached blocks may be what the driver is missing: give them back, retry once.
-            self.flush_caches(shard)?;
-            result = self.driver_malloc(device, alloc_size, stream);
+        if matches!(&result, Err(e) if e.is_oom()) && !section.capturing() {
+            // Cached blocks, or a trial block a failed cache_info free left behind, may be
+            // what the driver is missing: give them back, retry once.
+            let flushed = self.cache.enabled && self.flush_caches(shard).is_ok();
+            if self.free_orphans().unwrap_or(false) || flushed {
+                result = self.driver_malloc(device, alloc_size, stream);
+            }
         }
         let ptr = match result {
             Ok(ptr) => ptr,
@@ -810,6 +828,25 @@ impl<D: Driver> StreamAlloc<D> {
         }
     }
 
+    /// Frees the orphaned `cache_info` trial blocks (none while a capture is underway:
+    /// their streams may be capturing). Returns whether any was freed.
+    fn free_orphans(&self) -> Result<bool> {
+        if self.epoch.capturing() {
+            return Ok(false);
+        }
+        let mut freed_any = false;
+        // At most the current length: a failing free is pushed back, not retried here.
+        for _ in 0..self.orphans.len() {
+            let Some(o) = self.orphans.pop() else { break };
+            if let Err(e) = self.driver.free_async(o.device, o.ptr, o.size as usize, o.stream) {
+                self.orphans.push(o);
+                return Err(e.into());
+            }
+            freed_any = true;
+        }
+        Ok(freed_any)
+    }
+
     /// The deferred-free flush for callers outside malloc (tests, empty_cache users).
     pub fn flush_deferred_frees(&self) -> Result<()> {
         let section = self.epoch.enter();
@@ -925,7 +962,7 @@ impl<D: Driver> StreamOrderedAllocator for StreamAlloc<D> {
     /// S8, with the cache flushed first: cached blocks go back to the driver, then each
     /// initialized device is synchronized and its pool trimmed to 0.
     fn empty_cache(&self) -> Result<()> {
-        let mut first_error = None;
+        let mut first_error = self.free_orphans().err();
         if self.cache.enabled {
             let section = self.epoch.enter();
             if !section.capturing() {
@@ -950,6 +987,7 @@ impl<D: Driver> StreamOrderedAllocator for StreamAlloc<D> {
 
     fn cache_info(&self, device: Device, stream: Stream) -> Result<u64> {
         let shard = self.lazy_init(self.shard(device)?)?;
+        self.free_orphans()?;
         let info = self.driver.mem_get_info(device)?;
         let used = shard.budget.used();
         let limit = shard.budget.limit();
@@ -961,8 +999,13 @@ impl<D: Driver> StreamOrderedAllocator for StreamAlloc<D> {
             }
             if used.saturating_add(guess) <= limit {
                 match self.driver.malloc_async(device, guess as usize, stream) {
-                    Ok(p) => {
-                        self.driver.free_async(device, p, guess as usize, stream)?;
+                    Ok(ptr) => {
+                        if let Err(e) = self.driver.free_async(device, ptr, guess as usize, stream)
+                        {
+                            let size = guess;
+                            self.orphans.push(Orphan { device, ptr, size, stream });
+                            return Err(e.into());
+                        }
                         return Ok(guess);
                     }
                     Err(e) if e.is_oom() => {}

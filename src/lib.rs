@@ -6,6 +6,7 @@ pub mod capi;
 pub mod cuda;
 pub mod driver;
 pub mod error;
+pub mod fuzzing;
 pub mod sim;
 pub mod types;
 

@@ -7,7 +7,7 @@
 //! the same typed errors as [`crate::StreamAlloc`], and its books stay exact on errors.
 
 use crate::api::{BlockSnapshot, DeviceStats, StreamOrderedAllocator};
-use crate::core::{BlockInfo, ONE_EXBIBYTE};
+use crate::core::{BlockInfo, ONE_EXBIBYTE, Orphan};
 use crate::driver::Driver;
 use crate::error::{Error, OutOfMemory, Result};
 use crate::freed::FreedTable;
@@ -26,6 +26,8 @@ struct State {
     memory_limits: Vec<u64>,
     capture_free_streams: HashSet<UsageStream>,
     capture_underway: bool,
+    /// `cache_info` trial blocks whose free failed (see [`crate::StreamAlloc`]'s).
+    orphans: Vec<Orphan>,
 }
 
 /// The seed's global-mutex allocator on a [`Driver`].
@@ -58,6 +60,7 @@ impl<D: Driver> SeedReplica<D> {
                 memory_limits: vec![u64::MAX; device_count],
                 capture_free_streams: HashSet::new(),
                 capture_underway: false,
+                orphans: Vec::new(),
             }),
             freed: FreedTable::new(),
             warnings: Warnings::default(),
@@ -140,6 +143,23 @@ impl<D: Driver> SeedReplica<D> {
         Ok(())
     }
 
+    /// Frees orphaned `cache_info` trial blocks (not during a capture); returns whether
+    /// any was freed.
+    fn free_orphans(&self, st: &mut State) -> Result<bool> {
+        if st.capture_underway {
+            return Ok(false);
+        }
+        let mut freed_any = false;
+        while let Some(o) = st.orphans.pop() {
+            if let Err(e) = self.driver.free_async(o.device, o.ptr, o.size as usize, o.stream) {
+                st.orphans.push(o);
+                return Err(e.into());
+            }
+            freed_any = true;
+        }
+        Ok(freed_any)
+    }
+
     fn oom(&self, st: &State, device: Device, size: u64) -> Error {
         let _ = self.driver.check_last_error(device);
         match self.driver.mem_get_info(device) {
@@ -193,6 +213,12 @@ impl<D: Driver> StreamOrderedAllocator for SeedReplica<D> {
             return Err(self.oom(st, device, size64));
         }
         let ptr = match self.driver.malloc_async(device, size, stream) {
+            Err(e) if e.is_oom() && self.free_orphans(st).unwrap_or(false) => {
+                self.driver.malloc_async(device, size, stream)
+            }
+            r => r,
+        };
+        let ptr = match ptr {
             Ok(p) => p,
             Err(e) if e.is_oom() => return Err(self.oom(st, device, size64)),
             Err(e) => return Err(e.into()),
@@ -226,18 +252,19 @@ impl<D: Driver> StreamOrderedAllocator for SeedReplica<D> {
         if info.free_deferred {
             return Err(Error::DoubleFree { ptr });
         }
-        if st.capture_underway {
-            if !info.captured {
-                info.free_deferred = true;
-                self.warnings.uncaptured_free_during_capture(ptr);
-                st.ungraphed_ptrs_defer_free_until_no_capture.push(key);
-                return Ok(());
-            }
-        } else if info.captured {
+        if st.capture_underway && !info.captured {
+            info.free_deferred = true;
+            self.warnings.uncaptured_free_during_capture(ptr);
+            st.ungraphed_ptrs_defer_free_until_no_capture.push(key);
+            return Ok(());
+        }
+        let captured_free_outside_capture = !st.capture_underway && info.captured;
+        let device = info.device as Device;
+        // The seed reports an earlier CUDA error before it warns (S23).
+        self.driver.check_last_error(device)?;
+        if captured_free_outside_capture {
             self.warnings.captured_free_outside_capture(ptr);
         }
-        let device = info.device as Device;
-        self.driver.check_last_error(device)?;
         let info = st.ptr_info.remove(&key).expect("found above under the same lock");
         if let Err(e) = self.free_impl(st, key, &info) {
             st.ptr_info.insert(key, info);
@@ -281,24 +308,25 @@ impl<D: Driver> StreamOrderedAllocator for SeedReplica<D> {
     }
 
     fn empty_cache(&self) -> Result<()> {
-        let st = self.lock();
-        let mut first_error = None;
+        let mut st = self.lock();
+        let mut first_error = self.free_orphans(&mut st).err();
         for device in (0..self.device_count).filter(|&d| st.devs_initialized[d]) {
             let r = self
                 .driver
                 .device_synchronize(device)
                 .and_then(|_| self.driver.pool_trim_to(device, 0));
             if let Err(e) = r {
-                first_error.get_or_insert(e);
+                first_error.get_or_insert(e.into());
             }
         }
-        first_error.map_or(Ok(()), |e| Err(e.into()))
+        first_error.map_or(Ok(()), Err)
     }
 
     fn cache_info(&self, device: Device, stream: Stream) -> Result<u64> {
         let mut st = self.lock();
         self.assert_valid_device(device)?;
         self.lazy_init_device(&mut st, device)?;
+        self.free_orphans(&mut st)?;
         let info = self.driver.mem_get_info(device)?;
         let used = st.used_bytes[device];
         let limit = st.memory_limits[device];
@@ -310,8 +338,13 @@ impl<D: Driver> StreamOrderedAllocator for SeedReplica<D> {
             }
             if used.saturating_add(guess) <= limit {
                 match self.driver.malloc_async(device, guess as usize, stream) {
-                    Ok(p) => {
-                        self.driver.free_async(device, p, guess as usize, stream)?;
+                    Ok(ptr) => {
+                        if let Err(e) = self.driver.free_async(device, ptr, guess as usize, stream)
+                        {
+                            let size = guess;
+                            st.orphans.push(Orphan { device, ptr, size, stream });
+                            return Err(e.into());
+                        }
                         return Ok(guess);
                     }
                     Err(e) if e.is_oom() => {}
@@ -362,10 +395,13 @@ impl<D: Driver> StreamOrderedAllocator for SeedReplica<D> {
 
     fn begin_capture(&self, _device: Device) -> Result<()> {
         let mut st = self.lock();
-        debug_assert!(st.capture_free_streams.is_empty());
+        // The seed asserts the set is empty before checking for a capture underway, so
+        // a second begin during a capture that freed something trips the assert; here it
+        // is the same error as any second begin (the set is empty outside a capture).
         if st.capture_underway {
             return Err(Error::CaptureAlreadyUnderway);
         }
+        debug_assert!(st.capture_free_streams.is_empty());
         st.capture_underway = true;
         Ok(())
     }
