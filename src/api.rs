@@ -131,3 +131,54 @@ pub trait StreamOrderedAllocator: Send + Sync {
     /// Live blocks (including those whose free is deferred), sorted by address (S13/S22).
     fn snapshot(&self) -> Vec<BlockSnapshot>;
 }
+
+// ----- pieces both allocators share -------------------------------------------------
+
+/// S11: the pool's four attributes, read through the driver.
+pub(crate) fn pool_stats<D: crate::Driver>(driver: &D, device: Device) -> Result<DeviceStats> {
+    use crate::PoolAttribute as A;
+    let attr = |a| driver.pool_attribute(device, a);
+    Ok(DeviceStats {
+        reserved_current: attr(A::ReservedMemCurrent)?,
+        reserved_peak: attr(A::ReservedMemHigh)?,
+        used_current: attr(A::UsedMemCurrent)?,
+        used_peak: attr(A::UsedMemHigh)?,
+        ..DeviceStats::default()
+    })
+}
+
+/// S12: both high watermarks back to 0 (the pool then reports its current values).
+pub(crate) fn reset_pool_peaks<D: crate::Driver>(driver: &D, device: Device) -> Result<()> {
+    driver.set_pool_attribute(device, crate::PoolAttribute::ReservedMemHigh, 0)?;
+    driver.set_pool_attribute(device, crate::PoolAttribute::UsedMemHigh, 0)?;
+    Ok(())
+}
+
+/// S19: a device-to-device copy when on one device or p2p is enabled, else a peer copy.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn copy_async<D: crate::Driver>(
+    driver: &D,
+    dst: DevicePtr,
+    dst_device: Device,
+    src: DevicePtr,
+    src_device: Device,
+    count: usize,
+    stream: UsageStream,
+    p2p_enabled: bool,
+) -> Result<()> {
+    let peer = !(p2p_enabled || dst_device == src_device);
+    driver.memcpy_async(dst, dst_device, src, src_device, count, stream, peer)?;
+    Ok(())
+}
+
+/// A block's snapshot entry from its metadata.
+pub(crate) fn snapshot_entry(ptr: u64, b: &crate::core::BlockInfo) -> BlockSnapshot {
+    BlockSnapshot {
+        ptr: DevicePtr::from_raw(ptr),
+        size: b.size,
+        creation_stream: b.creation(),
+        recorded_streams: b.recorded.as_deref().cloned().unwrap_or_default(),
+        captured: b.captured,
+        free_deferred: b.free_deferred,
+    }
+}

@@ -29,7 +29,7 @@ use crate::epoch::{EpochGate, Section};
 use crate::error::{Error, OutOfMemory, Result};
 use crate::freed::FreedTable;
 use crate::lane::{DriverLane, Lane};
-use crate::types::{Device, DevicePtr, PoolAttribute, Stream, UsageStream};
+use crate::types::{Device, DevicePtr, Stream, UsageStream};
 use crate::warn::{WarningCounts, Warnings};
 use arc_swap::ArcSwapOption;
 use crossbeam::queue::SegQueue;
@@ -1028,25 +1028,20 @@ impl<D: Driver> StreamOrderedAllocator for StreamAlloc<D> {
         if shard.unifying.get().is_none() {
             return Ok(DeviceStats::default());
         }
-        let attr = |a| self.driver.pool_attribute(device, a);
+        let stats = crate::api::pool_stats(&self.driver, device)?;
         let (cached, hits, misses) = self.cache_stats(device);
         Ok(DeviceStats {
-            reserved_current: attr(PoolAttribute::ReservedMemCurrent)?,
-            reserved_peak: attr(PoolAttribute::ReservedMemHigh)?,
-            used_current: attr(PoolAttribute::UsedMemCurrent)?,
-            used_peak: attr(PoolAttribute::UsedMemHigh)?,
             allocated_current: self.used_bytes(device),
             cached_current: cached,
             cache_hits: hits,
             cache_misses: misses,
+            ..stats
         })
     }
 
     fn reset_peak_stats(&self, device: Device) -> Result<()> {
         self.shard(device)?;
-        self.driver.set_pool_attribute(device, PoolAttribute::ReservedMemHigh, 0)?;
-        self.driver.set_pool_attribute(device, PoolAttribute::UsedMemHigh, 0)?;
-        Ok(())
+        crate::api::reset_pool_peaks(&self.driver, device)
     }
 
     fn reset_accumulated_stats(&self, device: Device) -> Result<()> {
@@ -1097,9 +1092,8 @@ impl<D: Driver> StreamOrderedAllocator for StreamAlloc<D> {
         stream: UsageStream,
         p2p_enabled: bool,
     ) -> Result<()> {
-        let peer = !(p2p_enabled || dst_device == src_device);
-        self.driver.memcpy_async(dst, dst_device, src, src_device, count, stream, peer)?;
-        Ok(())
+        let d = &self.driver;
+        crate::api::copy_async(d, dst, dst_device, src, src_device, count, stream, p2p_enabled)
     }
 
     fn copy_data(
@@ -1139,18 +1133,8 @@ impl<D: Driver> StreamOrderedAllocator for StreamAlloc<D> {
     }
 
     fn snapshot(&self) -> Vec<BlockSnapshot> {
-        let mut v: Vec<BlockSnapshot> = self
-            .blocks
-            .iter()
-            .map(|e| BlockSnapshot {
-                ptr: DevicePtr::from_raw(*e.key()),
-                size: e.size,
-                creation_stream: e.creation(),
-                recorded_streams: e.recorded.as_deref().cloned().unwrap_or_default(),
-                captured: e.captured,
-                free_deferred: e.free_deferred,
-            })
-            .collect();
+        let mut v: Vec<BlockSnapshot> =
+            self.blocks.iter().map(|e| crate::api::snapshot_entry(*e.key(), e.value())).collect();
         v.sort_by_key(|b| b.ptr);
         v
     }

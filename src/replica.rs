@@ -11,7 +11,7 @@ use crate::core::{BlockInfo, ONE_EXBIBYTE, Orphan};
 use crate::driver::Driver;
 use crate::error::{Error, OutOfMemory, Result};
 use crate::freed::FreedTable;
-use crate::types::{Device, DevicePtr, PoolAttribute, Stream, UsageStream};
+use crate::types::{Device, DevicePtr, Stream, UsageStream};
 use crate::warn::{WarningCounts, Warnings};
 use std::collections::{HashMap, HashSet};
 use std::sync::{Mutex, MutexGuard};
@@ -369,22 +369,13 @@ impl<D: Driver> StreamOrderedAllocator for SeedReplica<D> {
         if !st.devs_initialized[device] {
             return Ok(DeviceStats::default());
         }
-        let attr = |a| self.driver.pool_attribute(device, a);
-        Ok(DeviceStats {
-            reserved_current: attr(PoolAttribute::ReservedMemCurrent)?,
-            reserved_peak: attr(PoolAttribute::ReservedMemHigh)?,
-            used_current: attr(PoolAttribute::UsedMemCurrent)?,
-            used_peak: attr(PoolAttribute::UsedMemHigh)?,
-            allocated_current: st.used_bytes[device],
-            ..DeviceStats::default()
-        })
+        let stats = crate::api::pool_stats(&self.driver, device)?;
+        Ok(DeviceStats { allocated_current: st.used_bytes[device], ..stats })
     }
 
     fn reset_peak_stats(&self, device: Device) -> Result<()> {
         self.assert_valid_device(device)?;
-        self.driver.set_pool_attribute(device, PoolAttribute::ReservedMemHigh, 0)?;
-        self.driver.set_pool_attribute(device, PoolAttribute::UsedMemHigh, 0)?;
-        Ok(())
+        crate::api::reset_pool_peaks(&self.driver, device)
     }
 
     fn reset_accumulated_stats(&self, device: Device) -> Result<()> {
@@ -437,9 +428,8 @@ impl<D: Driver> StreamOrderedAllocator for SeedReplica<D> {
         stream: UsageStream,
         p2p_enabled: bool,
     ) -> Result<()> {
-        let peer = !(p2p_enabled || dst_device == src_device);
-        self.driver.memcpy_async(dst, dst_device, src, src_device, count, stream, peer)?;
-        Ok(())
+        let d = &self.driver;
+        crate::api::copy_async(d, dst, dst_device, src, src_device, count, stream, p2p_enabled)
     }
 
     fn copy_data(
@@ -471,18 +461,8 @@ impl<D: Driver> StreamOrderedAllocator for SeedReplica<D> {
 
     fn snapshot(&self) -> Vec<BlockSnapshot> {
         let st = self.lock();
-        let mut v: Vec<BlockSnapshot> = st
-            .ptr_info
-            .iter()
-            .map(|(&ptr, b)| BlockSnapshot {
-                ptr: DevicePtr::from_raw(ptr),
-                size: b.size,
-                creation_stream: b.creation(),
-                recorded_streams: b.recorded.as_deref().cloned().unwrap_or_default(),
-                captured: b.captured,
-                free_deferred: b.free_deferred,
-            })
-            .collect();
+        let mut v: Vec<BlockSnapshot> =
+            st.ptr_info.iter().map(|(&ptr, b)| crate::api::snapshot_entry(ptr, b)).collect();
         v.sort_by_key(|b| b.ptr);
         v
     }

@@ -610,17 +610,7 @@ impl State {
 
     pub(crate) fn pool_attribute(&mut self, d: Device, attr: PoolAttribute) -> DriverResult<u64> {
         self.enter(SimOp::PoolAttribute, Some(d))?;
-        let p = &self.devices[d].pool;
-        Ok(match attr {
-            PoolAttribute::ReleaseThreshold => p.release_threshold,
-            PoolAttribute::ReuseFollowEventDependencies => p.reuse_follow as u64,
-            PoolAttribute::ReuseAllowOpportunistic => p.reuse_opportunistic as u64,
-            PoolAttribute::ReuseAllowInternalDependencies => p.reuse_internal as u64,
-            PoolAttribute::ReservedMemCurrent => p.reserved,
-            PoolAttribute::ReservedMemHigh => p.reserved_high,
-            PoolAttribute::UsedMemCurrent => p.used,
-            PoolAttribute::UsedMemHigh => p.used_high,
-        })
+        Ok(self.pool_attribute_raw(d, attr))
     }
 
     pub(crate) fn set_pool_attribute(
