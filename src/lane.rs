@@ -36,6 +36,8 @@ type Job = *mut (dyn FnMut() + Send);
 struct Slot {
     state: AtomicU8,
     job: UnsafeCell<Option<Job>>,
+    /// The waiting owner, to wake when its call is done.
+    owner: UnsafeCell<Option<std::thread::Thread>>,
 }
 
 /// How driver allocation calls are serialized per device.
@@ -65,8 +67,13 @@ unsafe impl Send for Lane {}
 
 impl Lane {
     pub(crate) fn new() -> Self {
-        let slot =
-            || CachePadded::new(Slot { state: AtomicU8::new(EMPTY), job: UnsafeCell::new(None) });
+        let slot = || {
+            CachePadded::new(Slot {
+                state: AtomicU8::new(EMPTY),
+                job: UnsafeCell::new(None),
+                owner: UnsafeCell::new(None),
+            })
+        };
         Lane {
             combiner: CachePadded::new(AtomicBool::new(false)),
             slots: (0..SLOTS).map(|_| slot()).collect(),
@@ -102,10 +109,17 @@ impl Lane {
         // Safety: erases the closure's lifetime to store it in the slot. The pointer is
         // used only while this frame waits below for DONE, so it never dangles.
         let job_ptr: Job = unsafe { std::mem::transmute(job_ref) };
-        // Safety: we own the slot (WRITING); no one else reads `job` until PENDING.
-        unsafe { *slot.job.get() = Some(job_ptr) };
+        // Safety: we own the slot (WRITING); no one else reads `job` or `owner` until
+        // PENDING.
+        unsafe {
+            *slot.job.get() = Some(job_ptr);
+            *slot.owner.get() = Some(std::thread::current());
+        }
         // Release: the combiner's Acquire load of PENDING sees the job.
         slot.state.store(PENDING, Ordering::Release);
+        // Pairs with the fence after a combiner steps down (see `try_combine`): either it
+        // sees our PENDING, or we see the lane free.
+        std::sync::atomic::fence(Ordering::SeqCst);
         let mut spins = 0u32;
         // Acquire: pairs with the combiner's Release store of DONE, so `out` is visible.
         while slot.state.load(Ordering::Acquire) != DONE {
@@ -113,10 +127,12 @@ impl Lane {
                 continue;
             }
             spins += 1;
-            if spins < 256 {
+            if spins < 64 {
                 std::hint::spin_loop();
             } else {
-                std::thread::yield_now();
+                // Sleep until the combiner wakes us (a waiter that spun would slow the
+                // combiner on a shared core); the timeout is a safety net only.
+                std::thread::park_timeout(std::time::Duration::from_micros(200));
             }
         }
         // Safety: DONE: the combiner is finished with the slot; it is ours again.
@@ -128,31 +144,59 @@ impl Lane {
         }
     }
 
-    /// Becomes the combiner if no one is, runs every published call, and steps down.
+    /// Becomes the combiner if no one is, runs every published call (pass after pass
+    /// while new ones come), and steps down; then looks once more, so that a call
+    /// published while it stepped down is not left waiting.
     fn try_combine(&self) -> bool {
-        if self.combiner.load(Ordering::Relaxed)
-            || self
-                .combiner
-                .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
-                .is_err()
-        {
-            return false;
+        let mut combined = false;
+        loop {
+            if self.combiner.load(Ordering::Relaxed)
+                || self
+                    .combiner
+                    .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+                    .is_err()
+            {
+                return combined;
+            }
+            combined = true;
+            for _pass in 0..8 {
+                if !self.run_pending() {
+                    break;
+                }
+            }
+            // Release: the next combiner sees the driver calls made by this one as done.
+            self.combiner.store(false, Ordering::Release);
+            // Pairs with the owner's fence after publishing (see `run`).
+            std::sync::atomic::fence(Ordering::SeqCst);
+            if !self.slots.iter().any(|s| s.state.load(Ordering::Relaxed) == PENDING) {
+                return true;
+            }
         }
+    }
+
+    /// One pass over the slots, running each published call; whether any ran.
+    fn run_pending(&self) -> bool {
+        let mut ran = false;
         for slot in self.slots.iter() {
             // Acquire: pairs with the owner's Release store of PENDING.
             if slot.state.load(Ordering::Acquire) == PENDING {
-                // Safety: PENDING and we hold `combiner`: the job is published, its owner
-                // waits for DONE, and no other thread runs it.
-                if let Some(job) = unsafe { *slot.job.get() } {
+                // Safety: PENDING and we hold `combiner`: the job and owner are published,
+                // the owner waits for DONE, and no other thread runs the job.
+                let (job, owner) = unsafe { (*slot.job.get(), (*slot.owner.get()).clone()) };
+                if let Some(job) = job {
                     // Safety: the closure lives in the waiting owner's frame (see `run`).
                     unsafe { (*job)() };
                 }
+                // Release: the owner's Acquire load of DONE sees the call's result. After
+                // this store the slot is the owner's again: wake it through our clone.
                 slot.state.store(DONE, Ordering::Release);
+                if let Some(owner) = owner {
+                    owner.unpark();
+                }
+                ran = true;
             }
         }
-        // Release: the next combiner sees the driver calls made by this one as done.
-        self.combiner.store(false, Ordering::Release);
-        true
+        ran
     }
 
     /// The lane as a plain lock, for a thread whose slot is taken.
