@@ -116,6 +116,8 @@ struct Opts {
     max_threads: usize,
     reps: usize,
     iters: u64,
+    /// Whether `--iters` was given (else the simulated device runs fewer).
+    iters_set: bool,
     null_iters: Option<u64>,
     variants: Option<Vec<String>>,
     csv: Option<PathBuf>,
@@ -136,7 +138,7 @@ USAGE:
 OPTIONS:
   --max-threads N    thread counts 1, 2, 4, ... up to N (default 16)
   --reps N           measurements per variant and thread count, median reported (default 3)
-  --iters N          timed steps per thread for driver variants (default 50000)
+  --iters N          timed steps per thread for driver variants (default 50000; 10000 on the simulated device)
   --null-iters N     timed steps per thread for *_null variants (default 10 x --iters)
   --variants a,b,c   variants to run (default: all that apply to the device found)
   --csv PATH         write CSV rows gpu,variant,threads,mpairs_per_s (medians)
@@ -152,6 +154,7 @@ fn parse_args() -> Result<Opts, String> {
         max_threads: 16,
         reps: 3,
         iters: 50_000,
+        iters_set: false,
         null_iters: None,
         variants: None,
         csv: None,
@@ -168,7 +171,10 @@ fn parse_args() -> Result<Opts, String> {
         match a.as_str() {
             "--max-threads" => o.max_threads = num(val()?)?.max(1) as usize,
             "--reps" => o.reps = num(val()?)?.max(1) as usize,
-            "--iters" => o.iters = num(val()?)?,
+            "--iters" => {
+                o.iters = num(val()?)?;
+                o.iters_set = true;
+            }
             "--null-iters" => o.null_iters = Some(num(val()?)?),
             "--variants" => {
                 o.variants = Some(val()?.split(',').map(|s| s.trim().to_string()).collect())
@@ -227,7 +233,7 @@ fn main() {
     }
 }
 
-fn real_main(o: Opts) -> Result<(), String> {
+fn real_main(mut o: Opts) -> Result<(), String> {
     if let Some(csv) = &o.plot_only {
         let png = o.png.as_ref().ok_or("--plot-only needs --png OUT")?;
         let text = std::fs::read_to_string(csv).map_err(|e| format!("{}: {e}", csv.display()))?;
@@ -255,6 +261,11 @@ fn real_main(o: Opts) -> Result<(), String> {
         (None, None)
     };
     let is_gpu = device.as_ref().is_some_and(DeviceBackend::is_gpu);
+    if device.is_some() && !is_gpu && !o.iters_set {
+        // The simulated device runs every call through its checker: fewer steps keep
+        // the run to a minute or two; its numbers only show the harness works.
+        o.iters = 10_000;
+    }
     let selected: Vec<&Variant> = VARIANTS
         .iter()
         .filter(|v| wanted(v))
