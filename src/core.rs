@@ -898,6 +898,23 @@ impl<D: Driver> StreamOrderedAllocator for StreamAlloc<D> {
             return Ok(());
         }
         let key = ptr.as_raw();
+        // The cache tier: no driver call, so no read section is needed (as for a handle's
+        // free): a capture that begins after this load finds the block cached, where a
+        // capture never takes it from.
+        if !self.epoch.capturing()
+            && let Some((_, info)) =
+                self.blocks.remove_if(&key, |_, b| !b.free_deferred && self.cacheable(b))
+        {
+            self.freed.freed(key);
+            self.put_cached(
+                &self.shards[info.device as usize],
+                key,
+                info.size,
+                info.creation_stream,
+            );
+            return Ok(());
+        }
+        // The driver tier (S4, S5): uncached blocks, captures, errors.
         let section = self.epoch.enter();
         if section.capturing() && self.defer_if_uncaptured(ptr)? {
             return Ok(());
@@ -906,12 +923,6 @@ impl<D: Driver> StreamOrderedAllocator for StreamAlloc<D> {
             return Err(self.unknown_or_double_free(ptr));
         };
         let device = info.device as Device;
-        if !section.capturing() && self.cacheable(&info) {
-            self.freed.freed(key);
-            drop(section);
-            self.put_cached(&self.shards[device], key, info.size, info.creation_stream);
-            return Ok(());
-        }
         if let Err(e) = self.driver.check_last_error(device) {
             self.blocks.insert(key, info);
             return Err(e.into());
