@@ -25,8 +25,13 @@ pub struct DeviceStats {
     pub cached_current: u64,
     /// Allocations served from the allocator's cache without a driver call.
     pub cache_hits: u64,
-    /// Allocations that went to the driver.
+    /// Allocations that found no idle block on their stream's cache.
     pub cache_misses: u64,
+    /// Stream caches the front cache keeps on this device now.
+    pub cache_streams: u64,
+    /// Driver allocations retried after a driver out-of-memory released idle blocks
+    /// (the seed's `num_alloc_retries`).
+    pub alloc_retries: u64,
 }
 
 /// One live block, as a snapshot reports it (S13/S22).
@@ -169,16 +174,4 @@ pub(crate) fn copy_async<D: crate::Driver>(
     let peer = !(p2p_enabled || dst_device == src_device);
     driver.memcpy_async(dst, dst_device, src, src_device, count, stream, peer)?;
     Ok(())
-}
-
-/// A block's snapshot entry from its metadata.
-pub(crate) fn snapshot_entry(ptr: u64, b: &crate::core::BlockInfo) -> BlockSnapshot {
-    BlockSnapshot {
-        ptr: DevicePtr::from_raw(ptr),
-        size: b.size,
-        creation_stream: b.creation(),
-        recorded_streams: b.recorded.as_deref().cloned().unwrap_or_default(),
-        captured: b.captured,
-        free_deferred: b.free_deferred,
-    }
 }

@@ -22,8 +22,9 @@
 //! device's first use and for capture transitions.
 
 use crate::api::{BlockSnapshot, DeviceStats, StreamOrderedAllocator};
+use crate::block::{CACHED, DEFERRED, GONE, LIVE, Orphan, Record};
 use crate::budget::Budget;
-use crate::cache::{CACHE_CREDIT, CacheConfig, PUBLISH_STEP, StreamCache, class_of};
+use crate::cache::{CacheConfig, FrontCache, Released, class_of};
 use crate::driver::{Driver, DriverResult};
 use crate::epoch::{EpochGate, Section};
 use crate::error::{Error, OutOfMemory, Result};
@@ -35,13 +36,11 @@ use arc_swap::ArcSwapOption;
 use crossbeam::queue::SegQueue;
 use crossbeam::utils::CachePadded;
 use dashmap::{DashMap, DashSet};
-use std::cell::{Cell, RefCell};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
-/// Allocations of this size or more are refused outright (S3), as the seed does.
-pub const ONE_EXBIBYTE: u64 = 1 << 60;
+pub use crate::block::ONE_EXBIBYTE;
 
 /// Shards of the block map (dashmap's shard count; a power of two).
 const MAP_SHARDS: usize = 256;
@@ -85,29 +84,9 @@ impl Hasher for PtrHasher {
     }
 }
 
+/// The block map: address → the record of every block the allocator holds (live,
+/// idle in the front cache, or with its free deferred).
 type PtrMap<V> = DashMap<u64, V, BuildHasherDefault<PtrHasher>>;
-
-/// What the allocator knows about one live block (the seed's `PtrUsage`).
-///
-/// Kept small: 40 bytes of value plus the 8-byte key and hashbrown's control byte.
-#[derive(Clone, Debug)]
-pub(crate) struct BlockInfo {
-    pub(crate) size: u64,
-    pub(crate) creation_stream: Stream,
-    pub(crate) device: u32,
-    pub(crate) captured: bool,
-    pub(crate) free_deferred: bool,
-    /// Streams recorded with `record_stream` (rare: boxed so the common block carries
-    /// one thin pointer, 8 bytes, instead of a 24-byte `Vec`).
-    #[allow(clippy::box_collection)]
-    pub(crate) recorded: Option<Box<Vec<UsageStream>>>,
-}
-
-impl BlockInfo {
-    pub(crate) fn creation(&self) -> UsageStream {
-        UsageStream::new(self.creation_stream, self.device as Device)
-    }
-}
 
 /// One device's state. Cache-padded so devices do not share lines.
 struct Shard {
@@ -117,9 +96,8 @@ struct Shard {
     unifying: OnceLock<Stream>,
     /// Taken only by the first use of the device.
     init: Mutex<()>,
-    /// Bytes held by this device's stream caches, as they last published them (within
-    /// `PUBLISH_STEP` per stream cache of the truth).
-    cached: AtomicU64,
+    /// Driver allocations retried after a driver out-of-memory released idle blocks.
+    alloc_retries: AtomicU64,
     /// One thread at a time in the driver's malloc/free for this device.
     lane: Lane,
 }
@@ -142,7 +120,7 @@ struct Capture {
 pub struct StreamAlloc<D: Driver> {
     driver: D,
     shards: Box<[Shard]>,
-    blocks: PtrMap<BlockInfo>,
+    blocks: PtrMap<Arc<Record>>,
     epoch: EpochGate,
     capture: ArcSwapOption<Capture>,
     /// Pointers whose free waits until no capture is underway (S4).
@@ -153,41 +131,10 @@ pub struct StreamAlloc<D: Driver> {
     /// driver out-of-memory outside a capture.
     orphans: SegQueue<Orphan>,
     warnings: Warnings,
-    /// The front cache's settings and its per-(device, stream) caches.
-    cache: CacheConfig,
-    caches: DashMap<(Device, Stream), Arc<StreamCache>>,
-    /// Tells this allocator's entries apart in the per-thread stream-cache memo.
-    id: u64,
+    /// The front cache, when on (`None`: every malloc and free reaches the driver).
+    cache: Option<FrontCache>,
     /// How driver allocation calls are serialized per device (`src/lane.rs`).
     lane: DriverLane,
-}
-
-/// What a cache lookup found.
-enum Take {
-    Hit(u64),
-    /// Nothing cached in this class: go to the driver.
-    Miss,
-    /// A block was there but the budget refused its bytes: take the exact path.
-    NoCredit,
-}
-
-/// A memo entry: (allocator id, device, stream, that stream's cache).
-type MemoEntry = (u64, Device, Stream, Arc<StreamCache>);
-
-thread_local! {
-    /// The stream caches this thread used last.
-    static MEMO: RefCell<Vec<MemoEntry>> = const { RefCell::new(Vec::new()) };
-}
-const MEMO_ENTRIES: usize = 4;
-
-/// A trial block of `cache_info` that could not be freed: device, address, size, and
-/// the stream it was allocated on (its free must be ordered after that).
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct Orphan {
-    pub(crate) device: Device,
-    pub(crate) ptr: DevicePtr,
-    pub(crate) size: u64,
-    pub(crate) stream: Stream,
 }
 
 impl<D: Driver> StreamAlloc<D> {
@@ -212,14 +159,13 @@ impl<D: Driver> StreamAlloc<D> {
 
     /// An allocator for `device_count` devices with the given cache settings.
     pub fn with_config(driver: D, device_count: usize, cache: CacheConfig) -> Self {
-        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
         let shards = (0..device_count)
             .map(|device| Shard {
                 device,
                 budget: CachePadded::new(Budget::new()),
                 unifying: OnceLock::new(),
                 init: Mutex::new(()),
-                cached: AtomicU64::new(0),
+                alloc_retries: AtomicU64::new(0),
                 lane: Lane::new(),
             })
             .collect();
@@ -236,9 +182,7 @@ impl<D: Driver> StreamAlloc<D> {
             freed: FreedTable::new(),
             orphans: SegQueue::new(),
             warnings: Warnings::default(),
-            cache,
-            caches: DashMap::new(),
-            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            cache: cache.enabled.then(|| FrontCache::new(cache, device_count)),
             lane: DriverLane::Off,
         }
         .with_driver_lane_default()
@@ -294,7 +238,7 @@ impl<D: Driver> StreamAlloc<D> {
 
     /// The front cache's settings.
     pub fn cache_config(&self) -> CacheConfig {
-        self.cache
+        self.cache.as_ref().map_or_else(CacheConfig::passthrough, FrontCache::config)
     }
 
     /// The driver underneath.
@@ -304,33 +248,12 @@ impl<D: Driver> StreamAlloc<D> {
 
     /// Allocates a block freed when the returned handle drops (like PyTorch's DataPtr).
     ///
-    /// A block served by the front cache carries its own metadata in the handle and is
-    /// not entered in the allocator's map: dropping it costs no lookup. Such blocks count
-    /// in `used_bytes` but are not listed by `snapshot` (they enter the map, and the
-    /// snapshot, when `record_stream` is called on them).
+    /// The handle carries the block's record, so dropping it needs no lookup; the block
+    /// is in the allocator's map all the same (the pointer API sees it: `base_allocation`,
+    /// `record_stream`, `snapshot`), but only the handle may free it.
     pub fn allocate(&self, device: Device, size: usize, stream: Stream) -> Result<Block<'_, D>> {
-        let size64 = size as u64;
-        if size64 >= ONE_EXBIBYTE {
-            return Err(Error::TooLarge { requested: size64 });
-        }
-        let block = |ptr, tracked| Block {
-            alloc: self,
-            ptr,
-            size,
-            device,
-            stream,
-            tracked: Cell::new(tracked),
-        };
-        if size == 0 {
-            return Ok(block(DevicePtr::NULL, true));
-        }
-        let shard = self.shard(device)?;
-        if let Some(ptr) = self.try_cached(shard, size64, stream) {
-            return Ok(block(DevicePtr::from_raw(ptr), false));
-        }
-        let cacheable = self.cacheable_size(size64);
-        let (ptr, captured) = self.malloc_driver(shard, size64, stream, !cacheable)?;
-        Ok(block(ptr, captured || !cacheable))
+        let rec = self.acquire(device, size as u64, stream, true)?;
+        Ok(Block { alloc: self, rec, size, device, stream })
     }
 
     fn shard(&self, device: Device) -> Result<&Shard> {
@@ -352,12 +275,24 @@ impl<D: Driver> StreamAlloc<D> {
         Ok(shard)
     }
 
+    /// The error for a pointer that is not a live block: a double free when the map
+    /// holds it idle, deferred or on its way to the driver, or the recently-freed table
+    /// remembers it; else an unknown pointer.
     fn unknown_or_double_free(&self, ptr: DevicePtr) -> Error {
-        let deferred = self.blocks.get(&ptr.as_raw()).is_some_and(|b| b.free_deferred);
-        if deferred || self.freed.was_freed(ptr.as_raw()) {
+        let held = self.blocks.get(&ptr.as_raw()).is_some_and(|r| r.state() != LIVE);
+        if held || self.freed.was_freed(ptr.as_raw()) {
             Error::DoubleFree { ptr }
         } else {
             Error::UnknownPointer { ptr }
+        }
+    }
+
+    /// The live block at `ptr` (a clone of its record; no map guard is kept).
+    fn live_record(&self, ptr: DevicePtr) -> Result<Arc<Record>> {
+        let rec = self.blocks.get(&ptr.as_raw()).map(|r| r.value().clone());
+        match rec {
+            Some(rec) if rec.state() == LIVE => Ok(rec),
+            _ => Err(self.unknown_or_double_free(ptr)),
         }
     }
 
@@ -377,33 +312,92 @@ impl<D: Driver> StreamAlloc<D> {
         }
     }
 
-    /// The driver tier of malloc: one read section, the exact budget reservation, the
-    /// driver call (for the class size when the block may be cached later), the map
-    /// insert (when `track`, or when allocated during a capture). Returns the pointer
-    /// and whether it was allocated during a capture.
+    /// malloc for both APIs (S3): size checks, then the cache tier, else the driver tier.
+    /// `None` for size 0.
+    #[inline]
+    fn acquire(
+        &self,
+        device: Device,
+        size: u64,
+        stream: Stream,
+        handle: bool,
+    ) -> Result<Option<Arc<Record>>> {
+        if size >= ONE_EXBIBYTE {
+            return Err(Error::TooLarge { requested: size });
+        }
+        if size == 0 {
+            return Ok(None);
+        }
+        let shard = self.shard(device)?;
+        let Some(cache) = &self.cache else {
+            return self.malloc_driver(shard, size, stream, handle, false).map(Some);
+        };
+        if self.epoch.capturing() || !self.deferred.is_empty() || class_of(size).is_none() {
+            return self.malloc_driver(shard, size, stream, handle, false).map(Some);
+        }
+        // The cache tier: the bytes first (the limit is exact), then an idle block.
+        if shard.budget.reserve(size).is_err() {
+            return self.malloc_driver(shard, size, stream, handle, false).map(Some);
+        }
+        let note = |r: &Record| {
+            self.driver.note_reuse(device, r.dptr(), r.alloc_size as usize, stream);
+        };
+        match cache.take(device, size, stream, note) {
+            Some(rec) => {
+                let reused = rec.reuse(size, handle);
+                debug_assert!(reused, "a block off a free list is idle");
+                Ok(Some(rec))
+            }
+            None => self.malloc_driver(shard, size, stream, handle, true).map(Some),
+        }
+    }
+
+    /// The driver tier of malloc: one read section, the exact budget reservation (unless
+    /// `reserved`), the driver call (for the class size when the block may be cached
+    /// later), the map insert.
     fn malloc_driver(
         &self,
         shard: &Shard,
         size: u64,
         stream: Stream,
-        track: bool,
-    ) -> Result<(DevicePtr, bool)> {
+        handle: bool,
+        reserved: bool,
+    ) -> Result<Arc<Record>> {
         let device = shard.device;
         let section = self.epoch.enter();
-        if !section.capturing() && !self.deferred.is_empty() {
-            self.flush_deferred(&section)?;
+        let ready = (|| {
+            if !section.capturing() && !self.deferred.is_empty() {
+                self.flush_deferred(&section)?;
+            }
+            self.lazy_init(shard)?;
+            self.driver.check_last_error(device)?;
+            Ok(())
+        })();
+        if let Err(e) = ready {
+            if reserved {
+                shard.budget.release(size);
+            }
+            return Err(e);
         }
-        self.lazy_init(shard)?;
-        self.driver.check_last_error(device)?;
-        self.reserve_exact(shard, size)?;
-        let alloc_size = self.driver_size(size) as usize;
-        let mut result = self.driver_malloc(device, alloc_size, stream);
-        if matches!(&result, Err(e) if e.is_oom()) && !section.capturing() {
-            // Cached blocks, or a trial block a failed cache_info free left behind, may be
-            // what the driver is missing: give them back, retry once.
-            let flushed = self.cache.enabled && self.flush_caches(shard).is_ok();
-            if self.free_orphans().unwrap_or(false) || flushed {
-                result = self.driver_malloc(device, alloc_size, stream);
+        if !reserved && shard.budget.reserve(size).is_err() {
+            return Err(self.oom(device, size));
+        }
+        let captured = section.capturing();
+        let mut alloc_size = match &self.cache {
+            Some(_) if !captured => FrontCache::alloc_size(size),
+            _ => size,
+        };
+        let mut result = self.driver_malloc(device, alloc_size as usize, stream);
+        if matches!(&result, Err(e) if e.is_oom()) && !captured {
+            // Pressure: idle blocks of every stream, or a trial block a failed cache_info
+            // free left behind, may be what the driver is missing. Give them back and ask
+            // for the exact size, as the seed does (S3).
+            let flushed = self.flush_device(shard, &section).unwrap_or(0);
+            let orphans = self.free_orphans(&section).unwrap_or(false);
+            if flushed > 0 || orphans || alloc_size != size {
+                shard.alloc_retries.fetch_add(1, Ordering::Relaxed);
+                alloc_size = size;
+                result = self.driver_malloc(device, size as usize, stream);
             }
         }
         let ptr = match result {
@@ -413,349 +407,113 @@ impl<D: Driver> StreamAlloc<D> {
                 return Err(if e.is_oom() { self.oom(device, size) } else { e.into() });
             }
         };
-        let captured = section.capturing();
-        if track || captured {
-            let info = BlockInfo {
-                size,
-                creation_stream: stream,
-                device: device as u32,
-                captured,
-                free_deferred: false,
-                recorded: None,
-            };
-            if let Some(stale) = self.blocks.insert(ptr.as_raw(), info) {
-                // The driver handed out an address we hold as live: its books and ours
-                // disagree. Keep the newer block; the older one's bytes go with it.
-                log::error!("driver returned live address {ptr} again (old block {stale:?})");
-                self.shards[stale.device as usize].budget.release(stale.size);
+        let rec = Arc::new(Record::new(ptr, device, size, alloc_size, stream, captured));
+        rec.set_handle(handle);
+        if let Some(stale) = self.blocks.insert(ptr.as_raw(), rec.clone()) {
+            // The driver handed out an address we hold: its books and ours disagree.
+            // Keep the newer block; the older one's bytes go with it.
+            log::error!("driver returned held address {ptr} again (old block {stale:?})");
+            if stale.transition(LIVE, GONE) {
+                self.shards[stale.device()].budget.release(stale.size());
             }
         }
-        Ok((ptr, captured))
+        Ok(rec)
     }
 
-    /// S3/S7: claims `size` bytes against the limit (exactly: credit stranded in other
-    /// threads' stripes is drained back before out-of-memory is declared).
-    fn reserve_exact(&self, shard: &Shard, size: u64) -> Result<()> {
-        if shard.budget.reserve(size).is_ok() {
+    /// free for both APIs (S4/S5) of a block the caller owns: into the front cache when
+    /// it may go there, else through the driver tier.
+    fn release(&self, rec: Arc<Record>) -> Result<()> {
+        // The cache tier makes no driver call, so it needs no read section: a capture
+        // that begins after this load finds the block idle, where a capture never takes
+        // it from.
+        if let Some(cache) = &self.cache
+            && !self.epoch.capturing()
+            && !rec.captured
+            && FrontCache::fits(rec.alloc_size)
+            && !rec.has_recorded()
+        {
+            let size = rec.size();
+            if !rec.transition(LIVE, CACHED) {
+                return Err(self.unknown_or_double_free(rec.dptr()));
+            }
+            let device = rec.device();
+            self.shards[device].budget.release(size);
+            let note = |r: &Record| {
+                let (ptr, bytes) = (r.dptr(), r.alloc_size as usize);
+                self.driver.note_cached(device, ptr, bytes, r.creation_stream);
+            };
+            let released = cache.put(rec, note);
+            if !released.own.is_empty() || !released.others.is_empty() {
+                self.release_idle(released);
+            }
             return Ok(());
         }
-        if self.cache.enabled {
-            self.drain_credit(shard);
-            if shard.budget.reserve(size).is_ok() {
-                return Ok(());
-            }
-        }
-        Err(self.oom(shard.device, size))
+        self.release_driver(rec)
     }
 
-    /// Gives every stream cache's credit on the device back to the budget, so that an
-    /// exact claim sees every byte that is not live.
-    fn drain_credit(&self, shard: &Shard) {
-        for e in self.caches.iter().filter(|e| e.key().0 == shard.device) {
-            let sc = e.value();
-            let mut l = sc.lock();
-            shard.budget.release(std::mem::take(&mut l.credit));
-            sc.mirror_credit(&l);
-        }
-    }
-
-    // ----- the front cache -------------------------------------------------------------
-
-    /// The size asked of the driver: the class size when the block may be cached.
-    #[inline]
-    fn driver_size(&self, size: u64) -> u64 {
-        match class_of(size) {
-            Some((_, class_size)) if self.cache.enabled => class_size,
-            _ => size,
-        }
-    }
-
-    #[inline]
-    fn cacheable_size(&self, size: u64) -> bool {
-        self.cache.enabled && class_of(size).is_some()
-    }
-
-    /// Whether a block freed outside a capture goes to the front cache: not captured
-    /// (graph memory stays the graph's), never recorded on another stream (those are
-    /// freed through the unifying stream, S5), and of a cached size.
-    #[inline]
-    fn cacheable(&self, info: &BlockInfo) -> bool {
-        info.recorded.is_none() && !info.captured && self.cacheable_size(info.size)
-    }
-
-    /// Runs `f` on the cache of (device, stream), found through this thread's memo (on
-    /// a memo hit, no shared line is touched and no reference count moves). `f` must
-    /// not re-enter the memo.
-    #[inline]
-    fn with_stream_cache<R>(
-        &self,
-        device: Device,
-        stream: Stream,
-        f: impl FnOnce(&StreamCache) -> R,
-    ) -> R {
-        let lookup = || {
-            let entry = self.caches.entry((device, stream));
-            entry.or_insert_with(|| Arc::new(StreamCache::new(stream))).clone()
-        };
-        let mut f = Some(f);
-        let mut run = |cache: &StreamCache| (f.take().expect("runs once"))(cache);
-        let memo = MEMO.try_with(|memo| {
-            {
-                let memo = memo.borrow();
-                let mine = |e: &&MemoEntry| e.0 == self.id && e.1 == device && e.2 == stream;
-                if let Some(e) = memo.iter().find(mine) {
-                    return Some(run(&e.3));
-                }
-            }
-            let cache = lookup();
-            let mut memo = memo.borrow_mut();
-            if memo.len() >= MEMO_ENTRIES {
-                memo.remove(0);
-            }
-            memo.push((self.id, device, stream, cache));
-            None
-        });
-        match memo {
-            Ok(Some(r)) => r,
-            // Not in the memo before (it is now), or the memo is gone (thread teardown).
-            _ => run(&lookup()),
-        }
-    }
-
-    /// The cache tier of malloc: a block of `size`'s class cached on this stream, if the
-    /// cache is on, no capture is underway, and no deferred free is waiting.
-    #[inline]
-    fn try_cached(&self, shard: &Shard, size: u64, stream: Stream) -> Option<u64> {
-        if !self.cache.enabled || self.epoch.capturing() || !self.deferred.is_empty() {
-            return None;
-        }
-        let (class, class_size) = class_of(size)?;
-        let take = self.with_stream_cache(shard.device, stream, |sc| {
-            let mut l = sc.lock();
-            let Some(ptr) = l.free[class].pop() else {
-                l.misses += 1;
-                return Take::Miss;
-            };
-            if !shard.budget.within_limit() {
-                // The limit was lowered under the claims: spend no credit, claim exactly.
-                shard.budget.release(std::mem::take(&mut l.credit));
-            }
-            if l.credit < size {
-                // Refill from the device budget: a chunk, else the exact bytes.
-                let want = [size + CACHE_CREDIT, size];
-                match want.into_iter().find(|&n| shard.budget.reserve(n).is_ok()) {
-                    Some(n) => l.credit += n,
-                    None => {
-                        l.free[class].push(ptr);
-                        return Take::NoCredit;
-                    }
-                }
-            }
-            l.credit -= size;
-            sc.mirror_credit(&l);
-            l.bytes -= class_size;
-            l.hits += 1;
-            publish(shard, &mut l, false);
-            // Under the lock, so no other thread can hand the block out before the
-            // driver layer hears of it.
-            let p = DevicePtr::from_raw(ptr);
-            self.driver.note_reuse(shard.device, p, class_size as usize, stream);
-            Take::Hit(ptr)
-        });
-        match take {
-            Take::Hit(ptr) => Some(ptr),
-            Take::Miss | Take::NoCredit => None,
-        }
-    }
-
-    /// The cache tier of free: keeps a block freed on `stream` for reuse on `stream`.
-    fn put_cached(&self, shard: &Shard, ptr: u64, size: u64, stream: Stream) {
-        let Some((class, class_size)) = class_of(size) else { return };
-        let over_budget = self.with_stream_cache(shard.device, stream, |sc| {
-            let mut l = sc.lock();
-            let p = DevicePtr::from_raw(ptr);
-            self.driver.note_cached(shard.device, p, class_size as usize, stream);
-            l.free[class].push(ptr);
-            l.bytes += class_size;
-            l.credit += size;
-            if l.credit > 2 * CACHE_CREDIT {
-                shard.budget.release(l.credit - CACHE_CREDIT);
-                l.credit = CACHE_CREDIT;
-            }
-            sc.mirror_credit(&l);
-            publish(shard, &mut l, false)
-                && shard.cached.load(Ordering::Relaxed) > self.cache.max_bytes_per_device
-        });
-        if over_budget {
-            self.trim_stream_cache(shard, stream);
-        }
-    }
-
-    /// Over budget: release blocks of this stream's cache, largest first, until the
-    /// device's cached bytes are back under half the budget (releases are batched, each
-    /// batch costing a device synchronize). Not during a capture (the frees would be
-    /// uncaptured frees inside it).
-    fn trim_stream_cache(&self, shard: &Shard, stream: Stream) {
+    /// The driver tier of free (S4, S5): deferred during a capture, else freed through
+    /// the driver. A driver failure leaves the block live: the books stay exact and the
+    /// caller may retry.
+    fn release_driver(&self, rec: Arc<Record>) -> Result<()> {
+        let ptr = rec.dptr();
         let section = self.epoch.enter();
-        if section.capturing() {
-            return;
-        }
-        let victims = self.with_stream_cache(shard.device, stream, |sc| {
-            let mut l = sc.lock();
-            let target = self.cache.max_bytes_per_device / 2;
-            let mut excess = shard.cached.load(Ordering::Relaxed).saturating_sub(target);
-            let mut victims = Vec::new();
-            for class in (0..l.free.len()).rev() {
-                while excess > 0 {
-                    let Some(ptr) = l.free[class].pop() else { break };
-                    let cs = crate::cache::class_size(class);
-                    l.bytes -= cs;
-                    excess = excess.saturating_sub(cs);
-                    victims.push((ptr, cs, stream));
-                }
+        if section.capturing() && !rec.captured {
+            if !rec.transition(LIVE, DEFERRED) {
+                return Err(self.unknown_or_double_free(ptr));
             }
-            publish(shard, &mut l, true);
-            victims
-        });
-        if let Err(e) = self.release_to_driver(shard, victims) {
-            log::error!("releasing cached blocks to the driver failed: {e}");
-        }
-    }
-
-    /// Gives every cached block of `shard`'s device back to the driver. Call inside a
-    /// section that saw no capture.
-    fn flush_caches(&self, shard: &Shard) -> Result<()> {
-        let caches: Vec<Arc<StreamCache>> = self
-            .caches
-            .iter()
-            .filter(|e| e.key().0 == shard.device)
-            .map(|e| e.value().clone())
-            .collect();
-        let mut blocks = Vec::new();
-        for sc in caches {
-            let mut l = sc.lock();
-            for (class, list) in l.free.iter_mut().enumerate() {
-                let cs = crate::cache::class_size(class);
-                blocks.extend(list.drain(..).map(|ptr| (ptr, cs, sc.stream)));
-            }
-            l.bytes = 0;
-            publish(shard, &mut l, true);
-            shard.budget.release(std::mem::take(&mut l.credit));
-            sc.mirror_credit(&l);
-        }
-        self.release_to_driver(shard, blocks)
-    }
-
-    /// Frees cached blocks through the driver: after a device synchronize (every use of
-    /// a cached block was enqueued before it was cached, so all are complete), on the
-    /// device's unifying stream, which the allocator owns: the stream a block was
-    /// cached for may have been destroyed by its owner since. A block the driver refuses
-    /// goes back to its cache.
-    fn release_to_driver(&self, shard: &Shard, blocks: Vec<(u64, u64, Stream)>) -> Result<()> {
-        if blocks.is_empty() {
+            self.warnings.uncaptured_free_during_capture(ptr);
+            self.deferred.push(ptr.as_raw());
             return Ok(());
         }
-        let device = shard.device;
-        let unifying = *shard.unifying.get().expect("cached blocks imply an initialized device");
-        let mut first_error = self.driver.device_synchronize(device).err();
-        for (ptr, size, stream) in blocks {
-            let freed = first_error.is_none()
-                && self
-                    .driver_free(device, DevicePtr::from_raw(ptr), size as usize, unifying)
-                    .map_err(|e| first_error = Some(e))
-                    .is_ok();
-            if !freed {
-                self.put_back(device, stream, ptr, size);
-            }
+        if !rec.transition(LIVE, GONE) {
+            return Err(self.unknown_or_double_free(ptr));
         }
-        first_error.map_or(Ok(()), |e| Err(e.into()))
-    }
-
-    fn put_back(&self, device: Device, stream: Stream, ptr: u64, class_size: u64) {
-        let shard = &self.shards[device];
-        self.with_stream_cache(device, stream, |sc| {
-            let mut l = sc.lock();
-            if let Some((class, _)) = class_of(class_size) {
-                l.free[class].push(ptr);
-                l.bytes += class_size;
-                publish(shard, &mut l, true);
-            }
-        });
-    }
-
-    /// A handle's block that the map never saw goes back: to the cache, or during a
-    /// capture through the seed's path (deferred until the capture ends, S4).
-    fn free_untracked(
-        &self,
-        device: Device,
-        ptr: DevicePtr,
-        size: u64,
-        stream: Stream,
-    ) -> Result<()> {
-        if self.epoch.capturing() {
-            self.track(device, ptr, size, stream);
-            return self.free(ptr);
+        let result =
+            self.driver.check_last_error(rec.device()).map_err(Error::from).and_then(|_| {
+                if rec.captured && !section.capturing() {
+                    self.warnings.captured_free_outside_capture(ptr);
+                }
+                self.free_impl(&rec, &section)
+            });
+        if result.is_err() {
+            rec.transition(GONE, LIVE);
         }
-        self.put_cached(&self.shards[device], ptr.as_raw(), size, stream);
-        Ok(())
+        result
     }
 
-    /// Enters a handle's block in the map (for record_stream, or a free in a capture).
-    fn track(&self, device: Device, ptr: DevicePtr, size: u64, stream: Stream) {
-        let info = BlockInfo {
-            size,
-            creation_stream: stream,
-            device: device as u32,
-            captured: false,
-            free_deferred: false,
-            recorded: None,
-        };
-        self.blocks.insert(ptr.as_raw(), info);
-    }
-
-    /// Front-cache statistics of a device: (cached bytes, hits, misses).
-    fn cache_stats(&self, device: Device) -> (u64, u64, u64) {
-        let mut totals = (0, 0, 0);
-        for e in self.caches.iter().filter(|e| e.key().0 == device) {
-            let l = e.value().lock();
-            totals.0 += l.bytes;
-            totals.1 += l.hits;
-            totals.2 += l.misses;
-        }
-        totals
-    }
-
-    /// S5: issues the driver free of a block already taken out of the map, then gives
-    /// its bytes back. On a driver error the caller puts the block back.
-    fn free_impl(&self, ptr: u64, info: &BlockInfo, section: &Section<'_>) -> Result<()> {
-        let device = info.device as Device;
-        let creation = info.creation();
-        let free_stream = match &info.recorded {
-            None => {
-                self.driver_free(
-                    device,
-                    DevicePtr::from_raw(ptr),
-                    self.driver_size(info.size) as usize,
-                    creation.stream,
-                )?;
-                creation
-            }
-            Some(recorded) => {
-                let unifying = UsageStream::new(
-                    *self.shards[device].unifying.get().expect("a block's device is initialized"),
-                    device,
-                );
+    /// S5: takes a block (state `GONE`, owned by the caller) out of the map, issues its
+    /// driver free, gives its bytes back. On a driver error the block is put back in
+    /// the map.
+    fn free_impl(&self, rec: &Arc<Record>, section: &Section<'_>) -> Result<()> {
+        let key = rec.ptr;
+        // Out of the map before the driver free: the driver may hand the address out
+        // again at once, and the new block's record must not be the one removed.
+        self.blocks.remove_if(&key, |_, r| Arc::ptr_eq(r, rec));
+        let device = rec.device();
+        let creation = rec.creation();
+        let recorded = rec.recorded();
+        let bytes = rec.alloc_size as usize;
+        let freed = if recorded.is_empty() {
+            self.driver_free(device, rec.dptr(), bytes, creation.stream).map(|_| creation)
+        } else {
+            let unifying = UsageStream::new(
+                *self.shards[device].unifying.get().expect("a block's device is initialized"),
+                device,
+            );
+            (|| {
                 self.driver.sync_streams(creation, unifying)?;
                 for &used_on in recorded.iter() {
                     self.driver.sync_streams(used_on, unifying)?;
                 }
-                self.driver_free(
-                    device,
-                    DevicePtr::from_raw(ptr),
-                    self.driver_size(info.size) as usize,
-                    unifying.stream,
-                )?;
-                unifying
+                self.driver_free(device, rec.dptr(), bytes, unifying.stream)
+            })()
+            .map(|_| unifying)
+        };
+        let free_stream = match freed {
+            Ok(s) => s,
+            Err(e) => {
+                self.blocks.insert(key, rec.clone());
+                return Err(e.into());
             }
         };
         if section.capturing()
@@ -763,9 +521,97 @@ impl<D: Driver> StreamAlloc<D> {
         {
             self.remember_free_stream(capture, free_stream);
         }
-        self.shards[device].budget.release(info.size);
-        self.freed.freed(ptr);
+        self.shards[device].budget.release(rec.size());
+        self.freed.freed(key);
         Ok(())
+    }
+
+    // ----- giving idle blocks back to the driver -----------------------------------------
+
+    /// Frees what the cache's release policy gave back: the stream's own blocks on their
+    /// creation stream (in use by the caller right now), blocks of quiet stream caches
+    /// after a device synchronize. Not during a capture: they go back to the cache.
+    fn release_idle(&self, released: Released) {
+        let section = self.epoch.enter();
+        if section.capturing() {
+            if let Some(cache) = &self.cache {
+                cache.put_back(released.own);
+                cache.put_back(released.others);
+            }
+            return;
+        }
+        let mut failed = Vec::new();
+        for rec in released.own {
+            if let Err(e) = self.free_idle(&rec, rec.creation_stream) {
+                log::error!("releasing an idle block to the driver failed: {e}");
+                failed.push(rec);
+            }
+        }
+        if let Some(device) = released.others.first().map(|r| r.device())
+            && let Err(e) = self.release_synced(&self.shards[device], released.others)
+        {
+            log::error!("releasing idle blocks of quiet streams failed: {e}");
+        }
+        if let Some(cache) = &self.cache {
+            cache.put_back(failed);
+        }
+    }
+
+    /// Frees one idle block (state `CACHED`, off its free list) on `stream`.
+    fn free_idle(&self, rec: &Arc<Record>, stream: Stream) -> Result<()> {
+        let ok = rec.transition(CACHED, GONE);
+        debug_assert!(ok, "an idle block off a free list");
+        self.blocks.remove_if(&rec.ptr, |_, r| Arc::ptr_eq(r, rec));
+        let bytes = rec.alloc_size as usize;
+        if let Err(e) = self.driver_free(rec.device(), rec.dptr(), bytes, stream) {
+            self.blocks.insert(rec.ptr, rec.clone());
+            rec.transition(GONE, CACHED);
+            return Err(e.into());
+        }
+        self.freed.freed(rec.ptr);
+        Ok(())
+    }
+
+    /// Frees idle blocks after a device synchronize (every use of an idle block was
+    /// enqueued before it went idle, so all are complete), on the device's unifying
+    /// stream, which the allocator owns: the stream a block was cached for may have been
+    /// destroyed by its owner since. Blocks the driver refuses go back to the cache.
+    /// Call inside a read section that saw no capture.
+    fn release_synced(&self, shard: &Shard, blocks: Vec<Arc<Record>>) -> Result<usize> {
+        if blocks.is_empty() {
+            return Ok(0);
+        }
+        let unifying = *shard.unifying.get().expect("idle blocks imply an initialized device");
+        let mut first_error = self.driver.device_synchronize(shard.device).err().map(Error::from);
+        let mut failed = Vec::new();
+        let mut freed = 0;
+        for rec in blocks {
+            if first_error.is_none() {
+                match self.free_idle(&rec, unifying) {
+                    Ok(()) => freed += 1,
+                    Err(e) => {
+                        first_error = Some(e);
+                        failed.push(rec);
+                    }
+                }
+            } else {
+                failed.push(rec);
+            }
+        }
+        if let Some(cache) = &self.cache {
+            cache.put_back(failed);
+        }
+        first_error.map_or(Ok(freed), Err)
+    }
+
+    /// Gives every idle block of `shard`'s device back to the driver. Returns how many.
+    /// Call inside a read section that saw no capture.
+    fn flush_device(&self, shard: &Shard, section: &Section<'_>) -> Result<usize> {
+        debug_assert!(!section.capturing());
+        match &self.cache {
+            Some(cache) => self.release_synced(shard, cache.drain_device(shard.device)),
+            None => Ok(0),
+        }
     }
 
     /// S15: a free stream of the capture must rejoin the capture stream before the
@@ -799,11 +645,10 @@ impl<D: Driver> StreamAlloc<D> {
     /// S4: frees whose turn came because no capture is underway any more.
     fn flush_deferred(&self, section: &Section<'_>) -> Result<()> {
         while let Some(ptr) = self.deferred.pop() {
-            let Some((_, info)) = self.blocks.remove_if(&ptr, |_, b| b.free_deferred) else {
-                continue;
-            };
-            if let Err(e) = self.free_impl(ptr, &info, section) {
-                self.blocks.insert(ptr, info);
+            let rec = self.blocks.get(&ptr).map(|r| r.value().clone());
+            let Some(rec) = rec.filter(|r| r.transition(DEFERRED, GONE)) else { continue };
+            if let Err(e) = self.free_impl(&rec, section) {
+                rec.transition(GONE, DEFERRED);
                 self.deferred.push(ptr);
                 return Err(e);
             }
@@ -811,27 +656,10 @@ impl<D: Driver> StreamAlloc<D> {
         Ok(())
     }
 
-    /// S4: during a capture, an uncaptured block is not freed but deferred until no
-    /// capture is underway. Returns whether it was deferred.
-    fn defer_if_uncaptured(&self, ptr: DevicePtr) -> Result<bool> {
-        match self.blocks.get_mut(&ptr.as_raw()) {
-            None => Err(self.unknown_or_double_free(ptr)),
-            Some(b) if b.free_deferred => Err(Error::DoubleFree { ptr }),
-            Some(b) if b.captured => Ok(false),
-            Some(mut b) => {
-                b.free_deferred = true;
-                drop(b);
-                self.warnings.uncaptured_free_during_capture(ptr);
-                self.deferred.push(ptr.as_raw());
-                Ok(true)
-            }
-        }
-    }
-
     /// Frees the orphaned `cache_info` trial blocks (none while a capture is underway:
     /// their streams may be capturing). Returns whether any was freed.
-    fn free_orphans(&self) -> Result<bool> {
-        if self.epoch.capturing() {
+    fn free_orphans(&self, section: &Section<'_>) -> Result<bool> {
+        if section.capturing() {
             return Ok(false);
         }
         let mut freed_any = false;
@@ -855,6 +683,18 @@ impl<D: Driver> StreamAlloc<D> {
         }
         self.flush_deferred(&section)
     }
+
+    /// Blocks idle in the front cache on `device`: (address, bytes, stream they serve).
+    pub fn idle_blocks(&self, device: Device) -> Vec<(DevicePtr, u64, Stream)> {
+        let Some(cache) = &self.cache else { return Vec::new() };
+        let mut v: Vec<_> = cache
+            .idle_blocks(device)
+            .into_iter()
+            .map(|(p, size, s)| (DevicePtr::from_raw(p), size, s))
+            .collect();
+        v.sort_by_key(|b| b.0);
+        v
+    }
 }
 
 impl<D: Driver> StreamOrderedAllocator for StreamAlloc<D> {
@@ -866,97 +706,30 @@ impl<D: Driver> StreamOrderedAllocator for StreamAlloc<D> {
         self.shards.len()
     }
 
-    /// The hot path. With the front cache on and no capture underway, a block cached on
-    /// this stream is handed out with no driver call and no shared line written but the
-    /// map's shard; otherwise the driver tier (`malloc_driver`).
     fn malloc(&self, device: Device, size: usize, stream: Stream) -> Result<DevicePtr> {
-        let size = size as u64;
-        if size >= ONE_EXBIBYTE {
-            return Err(Error::TooLarge { requested: size });
-        }
-        if size == 0 {
-            return Ok(DevicePtr::NULL);
-        }
-        let shard = self.shard(device)?;
-        if let Some(ptr) = self.try_cached(shard, size, stream) {
-            let info = BlockInfo {
-                size,
-                creation_stream: stream,
-                device: device as u32,
-                captured: false,
-                free_deferred: false,
-                recorded: None,
-            };
-            self.blocks.insert(ptr, info);
-            return Ok(DevicePtr::from_raw(ptr));
-        }
-        self.malloc_driver(shard, size, stream, true).map(|(ptr, _)| ptr)
+        Ok(self.acquire(device, size as u64, stream, false)?.map_or(DevicePtr::NULL, |r| r.dptr()))
     }
 
     fn free(&self, ptr: DevicePtr) -> Result<()> {
         if ptr.is_null() {
             return Ok(());
         }
-        let key = ptr.as_raw();
-        // The cache tier: no driver call, so no read section is needed (as for a handle's
-        // free): a capture that begins after this load finds the block cached, where a
-        // capture never takes it from.
-        if !self.epoch.capturing()
-            && let Some((_, info)) =
-                self.blocks.remove_if(&key, |_, b| !b.free_deferred && self.cacheable(b))
-        {
-            self.freed.freed(key);
-            self.put_cached(
-                &self.shards[info.device as usize],
-                key,
-                info.size,
-                info.creation_stream,
-            );
-            return Ok(());
+        let rec = self.blocks.get(&ptr.as_raw()).map(|r| r.value().clone());
+        match rec {
+            Some(rec) if rec.owned_by_handle() && rec.state() == LIVE => {
+                Err(Error::OwnedByHandle { ptr })
+            }
+            Some(rec) => self.release(rec),
+            None => Err(self.unknown_or_double_free(ptr)),
         }
-        // The driver tier (S4, S5): uncached blocks, captures, errors.
-        let section = self.epoch.enter();
-        if section.capturing() && self.defer_if_uncaptured(ptr)? {
-            return Ok(());
-        }
-        let Some((_, info)) = self.blocks.remove_if(&key, |_, b| !b.free_deferred) else {
-            return Err(self.unknown_or_double_free(ptr));
-        };
-        let device = info.device as Device;
-        if let Err(e) = self.driver.check_last_error(device) {
-            self.blocks.insert(key, info);
-            return Err(e.into());
-        }
-        if info.captured && !section.capturing() {
-            self.warnings.captured_free_outside_capture(ptr);
-        }
-        if let Err(e) = self.free_impl(key, &info, &section) {
-            self.blocks.insert(key, info);
-            return Err(e);
-        }
-        Ok(())
     }
 
     fn record_stream(&self, ptr: DevicePtr, stream: UsageStream) -> Result<()> {
         if ptr.is_null() {
             return Ok(());
         }
-        let Some(mut b) = self.blocks.get_mut(&ptr.as_raw()) else {
-            return Err(self.unknown_or_double_free(ptr));
-        };
-        if b.free_deferred {
-            return Err(Error::DoubleFree { ptr });
-        }
-        if stream == b.creation() {
-            drop(b);
-            self.warnings.record_on_creation_stream();
-            return Ok(());
-        }
-        let recorded = b.recorded.get_or_insert_with(Default::default);
-        if !recorded.contains(&stream) {
-            recorded.push(stream);
-        }
-        Ok(())
+        let rec = self.live_record(ptr)?;
+        self.record_on(&rec, stream)
     }
 
     fn set_memory_fraction(&self, fraction: f64, device: Device) -> Result<()> {
@@ -966,21 +739,19 @@ impl<D: Driver> StreamOrderedAllocator for StreamAlloc<D> {
         let shard = self.lazy_init(self.shard(device)?)?;
         let info = self.driver.mem_get_info(device)?;
         shard.budget.set_limit((fraction * info.total as f64) as u64);
-        self.drain_credit(shard);
         Ok(())
     }
 
-    /// S8, with the cache flushed first: cached blocks go back to the driver, then each
-    /// initialized device is synchronized and its pool trimmed to 0.
+    /// S8, with the cache flushed first: idle blocks go back to the driver, then each
+    /// initialized device is synchronized and its pool trimmed to 0. The driver calls
+    /// run in a read section, so no capture begins in their midst.
     fn empty_cache(&self) -> Result<()> {
-        let mut first_error = self.free_orphans().err();
-        if self.cache.enabled {
-            let section = self.epoch.enter();
-            if !section.capturing() {
-                for shard in self.shards.iter().filter(|s| s.unifying.get().is_some()) {
-                    if let Err(e) = self.flush_caches(shard) {
-                        first_error.get_or_insert(e);
-                    }
+        let section = self.epoch.enter();
+        let mut first_error = self.free_orphans(&section).err();
+        if !section.capturing() {
+            for shard in self.shards.iter().filter(|s| s.unifying.get().is_some()) {
+                if let Err(e) = self.flush_device(shard, &section) {
+                    first_error.get_or_insert(e);
                 }
             }
         }
@@ -996,9 +767,11 @@ impl<D: Driver> StreamOrderedAllocator for StreamAlloc<D> {
         first_error.map_or(Ok(()), Err)
     }
 
+    /// S9, in a read section (a capture cannot begin between the trial malloc and free).
     fn cache_info(&self, device: Device, stream: Stream) -> Result<u64> {
         let shard = self.lazy_init(self.shard(device)?)?;
-        self.free_orphans()?;
+        let section = self.epoch.enter();
+        self.free_orphans(&section)?;
         let info = self.driver.mem_get_info(device)?;
         let used = shard.budget.used();
         let limit = shard.budget.limit();
@@ -1028,9 +801,10 @@ impl<D: Driver> StreamOrderedAllocator for StreamAlloc<D> {
     }
 
     fn base_allocation(&self, ptr: DevicePtr) -> Result<(DevicePtr, u64)> {
-        match self.blocks.get(&ptr.as_raw()) {
-            Some(b) => Ok((ptr, b.size)),
-            None => Err(self.unknown_or_double_free(ptr)),
+        let rec = self.blocks.get(&ptr.as_raw()).map(|r| r.value().clone());
+        match rec {
+            Some(r) if matches!(r.state(), LIVE | DEFERRED) => Ok((ptr, r.size())),
+            _ => Err(self.unknown_or_double_free(ptr)),
         }
     }
 
@@ -1040,12 +814,14 @@ impl<D: Driver> StreamOrderedAllocator for StreamAlloc<D> {
             return Ok(DeviceStats::default());
         }
         let stats = crate::api::pool_stats(&self.driver, device)?;
-        let (cached, hits, misses) = self.cache_stats(device);
+        let cache = self.cache.as_ref().map(|c| c.stats(device)).unwrap_or_default();
         Ok(DeviceStats {
             allocated_current: self.used_bytes(device),
-            cached_current: cached,
-            cache_hits: hits,
-            cache_misses: misses,
+            cached_current: cache.cached,
+            cache_hits: cache.hits,
+            cache_misses: cache.misses,
+            cache_streams: cache.streams,
+            alloc_retries: shard.alloc_retries.load(Ordering::Relaxed),
             ..stats
         })
     }
@@ -1126,17 +902,9 @@ impl<D: Driver> StreamOrderedAllocator for StreamAlloc<D> {
         self.epoch.capturing()
     }
 
-    /// Bytes in live allocations: the budget's claims less the stream caches' credit
-    /// (exact when no operation is in flight).
+    /// Bytes in live allocations (exact when no operation is in flight).
     fn used_bytes(&self, device: Device) -> u64 {
-        let Some(shard) = self.shards.get(device) else { return 0 };
-        let credit: u64 = self
-            .caches
-            .iter()
-            .filter(|e| e.key().0 == device)
-            .map(|e| e.value().credit.load(Ordering::Relaxed))
-            .sum();
-        shard.budget.used().saturating_sub(credit)
+        self.shards.get(device).map_or(0, |s| s.budget.used())
     }
 
     fn memory_limit(&self, device: Device) -> u64 {
@@ -1144,22 +912,44 @@ impl<D: Driver> StreamOrderedAllocator for StreamAlloc<D> {
     }
 
     fn snapshot(&self) -> Vec<BlockSnapshot> {
-        let mut v: Vec<BlockSnapshot> =
-            self.blocks.iter().map(|e| crate::api::snapshot_entry(*e.key(), e.value())).collect();
+        let mut v: Vec<BlockSnapshot> = self
+            .blocks
+            .iter()
+            .filter(|e| matches!(e.value().state(), LIVE | DEFERRED))
+            .map(|e| e.value().snapshot())
+            .collect();
         v.sort_by_key(|b| b.ptr);
         v
     }
 }
 
+impl<D: Driver> StreamAlloc<D> {
+    /// S6 on a live block's record.
+    fn record_on(&self, rec: &Record, stream: UsageStream) -> Result<()> {
+        if stream == rec.creation() {
+            self.warnings.record_on_creation_stream();
+            return Ok(());
+        }
+        rec.record(stream);
+        Ok(())
+    }
+}
+
 impl<D: Driver> Drop for StreamAlloc<D> {
-    /// Gives the front cache's blocks back to the driver (live blocks are the owner's).
+    /// Gives the front cache's idle blocks back to the driver (live blocks are the
+    /// owner's).
     fn drop(&mut self) {
-        if !self.cache.enabled || self.epoch.capturing() {
+        if self.cache.is_none() {
+            return;
+        }
+        let section = self.epoch.enter();
+        if section.capturing() {
+            log::error!("allocator dropped during a capture: its idle blocks stay with the driver");
             return;
         }
         for shard in self.shards.iter().filter(|s| s.unifying.get().is_some()) {
-            if let Err(e) = self.flush_caches(shard) {
-                log::error!("releasing cached blocks of device {} failed: {e}", shard.device);
+            if let Err(e) = self.flush_device(shard, &section) {
+                log::error!("releasing idle blocks of device {} failed: {e}", shard.device);
             }
         }
     }
@@ -1167,22 +957,22 @@ impl<D: Driver> Drop for StreamAlloc<D> {
 
 /// A block freed when dropped, like PyTorch's `DataPtr`.
 ///
-/// A block from the front cache carries its metadata here rather than in the
-/// allocator's map, so dropping it needs no lookup.
+/// It holds the block's record, so dropping it needs no lookup. The pointer API sees
+/// the block too (`base_allocation`, `record_stream`, `snapshot`) but refuses to free
+/// it: only the handle does.
 pub struct Block<'a, D: Driver> {
     alloc: &'a StreamAlloc<D>,
-    ptr: DevicePtr,
+    /// `None` for a zero-size block.
+    rec: Option<Arc<Record>>,
     size: usize,
     device: Device,
     stream: Stream,
-    /// Whether the block is in the allocator's map (as every pointer-API block is).
-    tracked: Cell<bool>,
 }
 
 impl<D: Driver> Block<'_, D> {
     /// The device address (null for a zero-size block).
     pub fn ptr(&self) -> DevicePtr {
-        self.ptr
+        self.rec.as_ref().map_or(DevicePtr::NULL, |r| r.dptr())
     }
 
     /// The requested size.
@@ -1203,49 +993,34 @@ impl<D: Driver> Block<'_, D> {
     /// S6: records that the block is used on `stream` (it is then freed through the
     /// unifying stream, after that stream's work).
     pub fn record_stream(&self, stream: UsageStream) -> Result<()> {
-        if !self.tracked.get() {
-            self.alloc.track(self.device, self.ptr, self.size as u64, self.stream);
-            self.tracked.set(true);
+        match &self.rec {
+            Some(rec) => self.alloc.record_on(rec, stream),
+            None => Ok(()),
         }
-        self.alloc.record_stream(self.ptr, stream)
     }
 
     /// Frees now and reports any error (dropping frees too, but can only log errors).
-    pub fn free(self) -> Result<()> {
-        let me = std::mem::ManuallyDrop::new(self);
-        me.release()
+    /// After a failed free the block stays live and the pointer API may free it.
+    pub fn free(mut self) -> Result<()> {
+        self.release()
     }
 
-    fn release(&self) -> Result<()> {
-        if self.tracked.get() {
-            self.alloc.free(self.ptr)
-        } else {
-            self.alloc.free_untracked(self.device, self.ptr, self.size as u64, self.stream)
+    fn release(&mut self) -> Result<()> {
+        let Some(rec) = self.rec.take() else { return Ok(()) };
+        let keep = rec.clone();
+        let result = self.alloc.release(rec);
+        if result.is_err() {
+            // Still live: hand it over to the pointer API.
+            keep.set_handle(false);
         }
+        result
     }
 }
 
 impl<D: Driver> Drop for Block<'_, D> {
     fn drop(&mut self) {
         if let Err(e) = self.release() {
-            log::error!("freeing block {} on drop failed: {e}", self.ptr);
+            log::error!("freeing block {} on drop failed: {e}", self.ptr());
         }
     }
-}
-
-/// Moves a stream cache's byte count into the device total when it has drifted by
-/// `PUBLISH_STEP` (or always, when `force`). Returns whether it published.
-#[inline]
-fn publish(shard: &Shard, l: &mut crate::cache::Lists, force: bool) -> bool {
-    let (now, then) = (l.bytes, l.published);
-    if now == then || (!force && now.abs_diff(then) < PUBLISH_STEP) {
-        return false;
-    }
-    if now > then {
-        shard.cached.fetch_add(now - then, Ordering::Relaxed);
-    } else {
-        shard.cached.fetch_sub(then - now, Ordering::Relaxed);
-    }
-    l.published = now;
-    true
 }

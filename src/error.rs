@@ -109,6 +109,12 @@ pub enum Error {
         /// The pointer.
         ptr: DevicePtr,
     },
+    /// The pointer-API free of a block that a [`crate::Block`] handle owns: only the
+    /// handle may free it (drop it, or call [`crate::Block::free`]).
+    OwnedByHandle {
+        /// The pointer.
+        ptr: DevicePtr,
+    },
     /// A device index outside `0..device_count`.
     InvalidDevice {
         /// The index that was passed.
@@ -150,6 +156,10 @@ impl fmt::Display for Error {
                 write!(f, "pointer {ptr} was not allocated by this allocator")
             }
             Error::DoubleFree { ptr } => write!(f, "double free of pointer {ptr}"),
+            Error::OwnedByHandle { ptr } => write!(
+                f,
+                "pointer {ptr} is owned by a Block handle: free it by dropping the handle"
+            ),
             Error::InvalidDevice { device, device_count } => write!(
                 f,
                 "invalid device index {device}: the allocator has {device_count} device(s)"

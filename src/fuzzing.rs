@@ -290,7 +290,7 @@ impl Side {
     /// runs too): the checker sees every reuse of a cached block.
     fn cached() -> Self {
         let sim = Arc::new(SimDriver::with_devices(FUZZ_DEVICES, FUZZ_CAPACITY));
-        let cache = crate::CacheConfig { enabled: true, max_bytes_per_device: 8 << 20 };
+        let cache = crate::CacheConfig::default().with_max_bytes_per_device(8 << 20);
         Side::new(Box::new(StreamAlloc::with_config(sim.clone(), FUZZ_DEVICES, cache)), sim)
     }
 
@@ -522,10 +522,12 @@ impl Interp {
                 }
                 for (i, s) in self.sides.iter().enumerate() {
                     let p = ptrs[i];
-                    // With the front cache the driver block has the size class's size.
-                    let class = crate::cache::class_of(size as u64).map(|(_, c)| c);
+                    // With the front cache the driver block has a size class's size: the
+                    // request's, or one up to `class_reach` classes larger.
+                    let reach = crate::CacheConfig::default().class_reach;
                     let held = s.sim.block_size(p);
-                    if held != Some(size as u64) && (held.is_none() || held != class) {
+                    let serves = |h| crate::cache::may_serve(size as u64, h, reach);
+                    if held != Some(size as u64) && !held.is_some_and(serves) {
                         return Err(self.fail(format!(
                             "{}: malloc({size}) gave {p}, which the sim does not hold as a \
                              live block of that size",

@@ -17,6 +17,7 @@ pub use types::{
     CaptureStatus, Device, DevicePtr, Event, MemInfo, PoolAttribute, Stream, UsageStream,
 };
 
+mod block;
 mod budget;
 pub mod cache;
 pub mod core;

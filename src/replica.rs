@@ -7,7 +7,7 @@
 //! the same typed errors as [`crate::StreamAlloc`], and its books stay exact on errors.
 
 use crate::api::{BlockSnapshot, DeviceStats, StreamOrderedAllocator};
-use crate::core::{BlockInfo, ONE_EXBIBYTE, Orphan};
+use crate::block::{BlockInfo, ONE_EXBIBYTE, Orphan};
 use crate::driver::Driver;
 use crate::error::{Error, OutOfMemory, Result};
 use crate::freed::FreedTable;
@@ -462,7 +462,7 @@ impl<D: Driver> StreamOrderedAllocator for SeedReplica<D> {
     fn snapshot(&self) -> Vec<BlockSnapshot> {
         let st = self.lock();
         let mut v: Vec<BlockSnapshot> =
-            st.ptr_info.iter().map(|(&ptr, b)| crate::api::snapshot_entry(ptr, b)).collect();
+            st.ptr_info.iter().map(|(&ptr, b)| b.snapshot(ptr)).collect();
         v.sort_by_key(|b| b.ptr);
         v
     }

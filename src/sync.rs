@@ -32,6 +32,15 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     }
 }
 
+/// Locks a `std` mutex (never a loom one: for data outside the model-checked
+/// protocols), ignoring poisoning as [`lock`] does.
+pub(crate) fn lock_std<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(poisoned) => poisoned.into_inner(),
+    }
+}
+
 /// A small index for the calling thread, in `0..n`: threads are spread round-robin (under
 /// loom, by loom's thread id, so model threads may or may not share a stripe).
 #[inline]

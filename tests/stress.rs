@@ -152,7 +152,7 @@ fn stress_short_driver_lane() {
 fn stress_small_cache_budget() {
     // A 4 MiB cache budget: trimming runs all the time.
     run(
-        CacheConfig { enabled: true, max_bytes_per_device: 4 << 20 },
+        CacheConfig::default().with_max_bytes_per_device(4 << 20),
         DriverLane::Off,
         100_000,
         Duration::ZERO,

@@ -74,6 +74,7 @@ impl ErrorCode {
             Error::OutOfMemory(_) | Error::TooLarge { .. } => ErrorCode::OutOfMemory,
             Error::UnknownPointer { .. }
             | Error::DoubleFree { .. }
+            | Error::OwnedByHandle { .. }
             | Error::InvalidDevice { .. }
             | Error::InvalidFraction { .. } => ErrorCode::InvalidArgument,
             Error::CaptureAlreadyUnderway | Error::NoCaptureUnderway => ErrorCode::Capture,

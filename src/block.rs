@@ -1,0 +1,211 @@
+//! What the allocator knows about one block of device memory it holds: a [`Record`].
+//!
+//! Every block the allocator holds, live or idle in the front cache, has one record,
+//! shared (`Arc`) by the block map (address → record, for the pointer API), by the
+//! handle that owns it while it is live (the handle API needs no map lookup), and by a
+//! stream cache's free list while it is idle. So both APIs see the same blocks: a
+//! handle's block can be looked up, recorded on a stream, listed in a snapshot, and a
+//! second free of it is told apart from an unknown pointer, whichever API handed it
+//! out.
+//!
+//! ```text
+//!                 take (cache hit)            put (free into the cache)
+//!   ┌────────┐ ─────────────────────▶ ┌──────┐ ─────────────────────────▶ ┌────────┐
+//!   │ CACHED │                        │ LIVE │                            │ CACHED │
+//!   └────────┘ ◀───── driver malloc ─ └──────┘ ── free during capture ──▶ ┌──────────┐
+//!        │                               │        (uncaptured, S4)        │ DEFERRED │
+//!        └── released to the driver ──▶ GONE ◀── driver free ─────────────└──────────┘
+//! ```
+//!
+//! The state moves by compare-and-swap, so of two racing frees exactly one wins and the
+//! other is a double free, whichever APIs they came through. The fields a record is
+//! created with (address, device, creation stream, bytes from the driver) never change.
+
+use crate::api::BlockSnapshot;
+use crate::types::{Device, DevicePtr, Stream, UsageStream};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+
+/// Allocations of this size or more are refused outright (S3), as the seed does.
+pub const ONE_EXBIBYTE: u64 = 1 << 60;
+
+/// Handed out to a caller.
+pub(crate) const LIVE: u8 = 1;
+/// Idle in a stream cache.
+pub(crate) const CACHED: u8 = 2;
+/// Freed during a capture, its free deferred until the capture ends (S4).
+pub(crate) const DEFERRED: u8 = 3;
+/// Given back to the driver (or on its way there).
+pub(crate) const GONE: u8 = 4;
+
+/// One block of device memory (the seed's `PtrUsage`, plus the cache's state).
+#[derive(Debug)]
+pub(crate) struct Record {
+    pub(crate) ptr: u64,
+    pub(crate) device: u32,
+    /// Allocated during a capture (graph memory: never cached).
+    pub(crate) captured: bool,
+    /// The stream it was allocated on; a cached block serves only this stream.
+    pub(crate) creation_stream: Stream,
+    /// Bytes the driver handed out: the size class when the block may be cached, else
+    /// the requested size.
+    pub(crate) alloc_size: u64,
+    /// The requested size of the current use (S10).
+    size: AtomicU64,
+    state: AtomicU8,
+    /// Owned by a handle ([`crate::Block`]): the pointer API may not free it.
+    handle: AtomicBool,
+    /// Whether `recorded` holds any stream (read without the lock on every free).
+    has_recorded: AtomicBool,
+    /// Streams recorded with `record_stream` (rare).
+    recorded: Mutex<Vec<UsageStream>>,
+}
+
+impl Record {
+    /// A block fresh from the driver, live.
+    pub(crate) fn new(
+        ptr: DevicePtr,
+        device: Device,
+        size: u64,
+        alloc_size: u64,
+        stream: Stream,
+        captured: bool,
+    ) -> Self {
+        Record {
+            ptr: ptr.as_raw(),
+            device: device as u32,
+            captured,
+            creation_stream: stream,
+            alloc_size,
+            size: AtomicU64::new(size),
+            state: AtomicU8::new(LIVE),
+            handle: AtomicBool::new(false),
+            has_recorded: AtomicBool::new(false),
+            recorded: Mutex::new(Vec::new()),
+        }
+    }
+
+    pub(crate) fn device(&self) -> Device {
+        self.device as Device
+    }
+
+    pub(crate) fn dptr(&self) -> DevicePtr {
+        DevicePtr::from_raw(self.ptr)
+    }
+
+    pub(crate) fn creation(&self) -> UsageStream {
+        UsageStream::new(self.creation_stream, self.device())
+    }
+
+    /// The requested size of the current use.
+    pub(crate) fn size(&self) -> u64 {
+        self.size.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn state(&self) -> u8 {
+        // Acquire: pairs with the AcqRel transitions below (what the winner of a
+        // transition wrote before it is visible to a reader that sees its state).
+        self.state.load(Ordering::Acquire)
+    }
+
+    /// Moves the state `from` → `to`; false if it was not `from` (a racing free won).
+    #[inline]
+    pub(crate) fn transition(&self, from: u8, to: u8) -> bool {
+        self.state.compare_exchange(from, to, Ordering::AcqRel, Ordering::Acquire).is_ok()
+    }
+
+    /// A cached block handed out again for `size` bytes (the caller holds it: it came
+    /// off a free list, so no other thread can hand it out).
+    #[inline]
+    pub(crate) fn reuse(&self, size: u64, handle: bool) -> bool {
+        self.size.store(size, Ordering::Relaxed);
+        self.handle.store(handle, Ordering::Relaxed);
+        self.transition(CACHED, LIVE)
+    }
+
+    pub(crate) fn set_handle(&self, handle: bool) {
+        self.handle.store(handle, Ordering::Relaxed);
+    }
+
+    /// Whether a handle owns the block (its pointer-API free is refused).
+    pub(crate) fn owned_by_handle(&self) -> bool {
+        self.handle.load(Ordering::Relaxed)
+    }
+
+    /// Whether the block was recorded on a stream other than its creation stream.
+    #[inline]
+    pub(crate) fn has_recorded(&self) -> bool {
+        self.has_recorded.load(Ordering::Acquire)
+    }
+
+    /// Adds `stream` to the recorded streams (S6).
+    pub(crate) fn record(&self, stream: UsageStream) {
+        let mut r = crate::sync::lock_std(&self.recorded);
+        if !r.contains(&stream) {
+            r.push(stream);
+        }
+        // Release: pairs with the Acquire in `has_recorded` (the list is filled first).
+        self.has_recorded.store(true, Ordering::Release);
+    }
+
+    /// The recorded streams.
+    pub(crate) fn recorded(&self) -> Vec<UsageStream> {
+        if !self.has_recorded() {
+            return Vec::new();
+        }
+        crate::sync::lock_std(&self.recorded).clone()
+    }
+
+    /// The block as a snapshot lists it.
+    pub(crate) fn snapshot(&self) -> BlockSnapshot {
+        BlockSnapshot {
+            ptr: self.dptr(),
+            size: self.size(),
+            creation_stream: self.creation(),
+            recorded_streams: self.recorded(),
+            captured: self.captured,
+            free_deferred: self.state() == DEFERRED,
+        }
+    }
+}
+
+/// A live block as the seed replica keeps it (the seed's `PtrUsage`).
+#[derive(Clone, Debug)]
+pub(crate) struct BlockInfo {
+    pub(crate) size: u64,
+    pub(crate) creation_stream: Stream,
+    pub(crate) device: u32,
+    pub(crate) captured: bool,
+    pub(crate) free_deferred: bool,
+    /// Streams recorded with `record_stream` (rare: boxed, one thin pointer).
+    #[allow(clippy::box_collection)]
+    pub(crate) recorded: Option<Box<Vec<UsageStream>>>,
+}
+
+impl BlockInfo {
+    pub(crate) fn creation(&self) -> UsageStream {
+        UsageStream::new(self.creation_stream, self.device as Device)
+    }
+
+    /// The block at `ptr` as a snapshot lists it.
+    pub(crate) fn snapshot(&self, ptr: u64) -> BlockSnapshot {
+        BlockSnapshot {
+            ptr: DevicePtr::from_raw(ptr),
+            size: self.size,
+            creation_stream: self.creation(),
+            recorded_streams: self.recorded.as_deref().cloned().unwrap_or_default(),
+            captured: self.captured,
+            free_deferred: self.free_deferred,
+        }
+    }
+}
+
+/// A trial block of `cache_info` that could not be freed: device, address, size, and
+/// the stream it was allocated on (its free must be ordered after that).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Orphan {
+    pub(crate) device: Device,
+    pub(crate) ptr: DevicePtr,
+    pub(crate) size: u64,
+    pub(crate) stream: Stream,
+}

@@ -1,0 +1,406 @@
+//! The front cache: per-(device, stream) free lists of idle blocks, in front of the
+//! driver. A layer the core holds or not ([`CacheConfig::passthrough`] leaves it out).
+//!
+//! ```text
+//!   malloc(dev, size, S) ─▶ FrontCache::take ─▶ this thread's memo ─▶ StreamCache(dev, S)
+//!                              hit: a block of size's class, or up to `class_reach`
+//!                              classes larger, idle on S ─▶ handed out, no driver call
+//!   free(block of S)      ─▶ FrontCache::put  ─▶ pushed on its class list of S
+//!                              returns what the release policy gives back to the driver
+//! ```
+//!
+//! A block freed on stream S is handed out again on S with no driver call: stream order
+//! makes that safe, exactly as the driver's own pool reuses on one stream. It never
+//! serves another stream, so no cross-stream ordering is needed. The cache holds no
+//! byte credit: live bytes are the budget's alone (`src/budget.rs`), and idle bytes are
+//! counted here (published to a device total when a stream cache drifts by
+//! [`PUBLISH_STEP`]).
+//!
+//! Release policy (the cache decides, the core gives the blocks back to the driver):
+//! - idle: every [`CacheConfig::idle_interval`] operations on a stream cache, the blocks
+//!   that sat unused the whole interval (each class's low-water mark) are released, and
+//!   stream caches of the device that saw no operation since the last such check are
+//!   emptied and dropped (a stream that went away leaves nothing behind);
+//! - budget: over [`CacheConfig::max_bytes_per_device`], a stream cache releases its
+//!   largest blocks until the device is back under half the budget;
+//! - pressure: a driver out-of-memory empties every stream cache of the device before
+//!   the exact size is retried (the core's driver tier); `empty_cache` and dropping the
+//!   allocator empty them too.
+//!
+//! A stream cache is created by the first block freed into it (a failed malloc on a new
+//! stream creates nothing), and removed again when it is emptied by a flush or by the
+//! idle sweep; scans (stats, flushes) visit only stream caches that hold blocks or were
+//! used lately.
+
+mod classes;
+mod spin;
+mod stream;
+
+use crate::block::Record;
+use crate::types::{Device, Stream};
+use crossbeam::utils::CachePadded;
+use dashmap::DashMap;
+use std::cell::RefCell;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use stream::{Lists, StreamCache};
+
+pub(crate) use classes::class_of;
+
+/// Whether an idle block of `block_bytes` may serve a request of `size` bytes: a class
+/// size from `size`'s class up to `reach` classes larger.
+pub(crate) fn may_serve(size: u64, block_bytes: u64, reach: usize) -> bool {
+    match (class_of(size), class_of(block_bytes)) {
+        (Some((c, _)), Some((b, bs))) => bs == block_bytes && b >= c && b <= c + reach,
+        _ => false,
+    }
+}
+
+/// A stream cache publishes its cached bytes to the device total when they moved by
+/// this much since the last publish, so the shared total is touched rarely.
+pub(crate) const PUBLISH_STEP: u64 = 16 << 20;
+
+/// Cache settings of a [`crate::StreamAlloc`].
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct CacheConfig {
+    /// Whether the front cache is on (`false`: every malloc and free goes to the
+    /// driver, as in the seed).
+    pub enabled: bool,
+    /// Bytes the cache may hold per device before it releases blocks to the driver.
+    pub max_bytes_per_device: u64,
+    /// A request may be served by an idle block up to this many size classes larger
+    /// (four classes per power of two: 2 wastes at most half of the request).
+    pub class_reach: usize,
+    /// Operations on a stream cache between idle checks: blocks unused for a whole
+    /// interval go back to the driver, and stream caches idle for one are dropped.
+    /// 0 turns idle release off.
+    pub idle_interval: u32,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            enabled: true,
+            max_bytes_per_device: 2 << 30,
+            class_reach: 2,
+            idle_interval: 1 << 14,
+        }
+    }
+}
+
+impl CacheConfig {
+    /// No cache: the seed's behaviour, every operation reaches the driver.
+    pub fn passthrough() -> Self {
+        CacheConfig { enabled: false, ..CacheConfig::default() }
+    }
+
+    /// The default cache with another per-device byte budget.
+    pub fn with_max_bytes_per_device(self, bytes: u64) -> Self {
+        CacheConfig { max_bytes_per_device: bytes, ..self }
+    }
+
+    /// The default cache with another idle interval (0: never release idle blocks).
+    pub fn with_idle_interval(self, ops: u32) -> Self {
+        CacheConfig { idle_interval: ops, ..self }
+    }
+
+    /// The default cache serving requests from blocks up to `classes` classes larger.
+    pub fn with_class_reach(self, classes: usize) -> Self {
+        CacheConfig { class_reach: classes, ..self }
+    }
+}
+
+/// What a put or a sweep gives back to the driver.
+#[derive(Default)]
+pub(crate) struct Released {
+    /// Blocks of the stream that was just used: freed on their creation stream, which
+    /// the caller is using now.
+    pub(crate) own: Vec<Arc<Record>>,
+    /// Blocks of stream caches that went quiet (their stream may be gone): freed after a
+    /// device synchronize, on the device's unifying stream.
+    pub(crate) others: Vec<Arc<Record>>,
+}
+
+/// Front-cache statistics of a device.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct CacheStats {
+    pub(crate) cached: u64,
+    pub(crate) hits: u64,
+    pub(crate) misses: u64,
+    pub(crate) streams: u64,
+}
+
+/// The front cache (see the module docs).
+pub(crate) struct FrontCache {
+    config: CacheConfig,
+    caches: DashMap<(Device, Stream), Arc<StreamCache>>,
+    /// Bytes held per device, as the stream caches last published them.
+    cached: Box<[CachePadded<AtomicU64>]>,
+    /// Tells this cache's entries apart in the per-thread memo.
+    id: u64,
+}
+
+/// A memo entry: (cache id, device, stream, that stream's cache).
+type MemoEntry = (u64, Device, Stream, Arc<StreamCache>);
+
+thread_local! {
+    /// The stream caches this thread used last.
+    static MEMO: RefCell<Vec<MemoEntry>> = const { RefCell::new(Vec::new()) };
+}
+const MEMO_ENTRIES: usize = 4;
+
+impl FrontCache {
+    pub(crate) fn new(config: CacheConfig, devices: usize) -> Self {
+        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+        FrontCache {
+            config,
+            caches: DashMap::new(),
+            cached: (0..devices).map(|_| CachePadded::new(AtomicU64::new(0))).collect(),
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+        }
+    }
+
+    pub(crate) fn config(&self) -> CacheConfig {
+        self.config
+    }
+
+    /// The size to ask of the driver for a block of `size` that may be cached later.
+    #[inline]
+    pub(crate) fn alloc_size(size: u64) -> u64 {
+        class_of(size).map_or(size, |(_, class_size)| class_size)
+    }
+
+    /// Whether a block of `alloc_size` bytes from the driver can go on a free list.
+    #[inline]
+    pub(crate) fn fits(alloc_size: u64) -> bool {
+        matches!(class_of(alloc_size), Some((_, cs)) if cs == alloc_size)
+    }
+
+    /// The cache tier of malloc: an idle block of `size`'s class (or up to `class_reach`
+    /// classes larger) on `stream`. `on_reuse` runs under the stream cache's lock, so no
+    /// other thread can hand the block out before it returns.
+    #[inline]
+    pub(crate) fn take(
+        &self,
+        device: Device,
+        size: u64,
+        stream: Stream,
+        on_reuse: impl FnOnce(&Record),
+    ) -> Option<Arc<Record>> {
+        let (class, _) = class_of(size)?;
+        let reach = self.config.class_reach;
+        self.with_stream_cache(device, stream, false, |sc| {
+            let mut l = sc.lock();
+            if l.retired {
+                return Err(());
+            }
+            sc.touch();
+            l.ops += 1;
+            let Some(rec) = l.pop(class, reach) else {
+                l.misses += 1;
+                return Ok(None);
+            };
+            l.hits += 1;
+            self.publish(device, &mut l, false);
+            on_reuse(&rec);
+            Ok(Some(rec))
+        })
+        .flatten()
+    }
+
+    /// The cache tier of free: keeps `rec` (idle, its state already `CACHED`) for reuse
+    /// on its creation stream. `on_cache` runs under the lock before the block can be
+    /// handed out again. Returns what the release policy gives back to the driver.
+    pub(crate) fn put(&self, rec: Arc<Record>, on_cache: impl FnOnce(&Record)) -> Released {
+        let device = rec.device();
+        let stream = rec.creation_stream;
+        let Some((class, _)) = class_of(rec.alloc_size) else {
+            return Released { own: vec![rec], others: Vec::new() };
+        };
+        let mut rec = Some(rec);
+        let mut on_cache = Some(on_cache);
+        loop {
+            let done = self.with_stream_cache(device, stream, true, |sc| {
+                let mut l = sc.lock();
+                if l.retired {
+                    return Err(());
+                }
+                let r = rec.take().expect("put once");
+                (on_cache.take().expect("runs once"))(&r);
+                l.push(class, r);
+                sc.touch();
+                l.ops += 1;
+                let idle_check =
+                    self.config.idle_interval > 0 && l.ops >= self.config.idle_interval;
+                let mut own = if idle_check { l.take_idle() } else { Vec::new() };
+                let published = self.publish(device, &mut l, idle_check);
+                let cached = self.cached[device].load(Ordering::Relaxed);
+                if published && cached > self.config.max_bytes_per_device {
+                    let excess = cached - self.config.max_bytes_per_device / 2;
+                    own.extend(l.take_largest(excess));
+                    self.publish(device, &mut l, true);
+                }
+                Ok((own, idle_check))
+            });
+            match done {
+                Some((own, idle_check)) => {
+                    let others =
+                        if idle_check { self.sweep(device, Some(stream)) } else { Vec::new() };
+                    return Released { own, others };
+                }
+                // The stream cache was retired meanwhile: look it up afresh.
+                None => continue,
+            }
+        }
+    }
+
+    /// Empties and drops the stream caches of `device` that saw no operation since the
+    /// last sweep (all but `keep`). Returns their blocks.
+    pub(crate) fn sweep(&self, device: Device, keep: Option<Stream>) -> Vec<Arc<Record>> {
+        let mut quiet = Vec::new();
+        for e in self.caches.iter().filter(|e| e.key().0 == device) {
+            let sc = e.value();
+            let now = sc.activity.load(Ordering::Relaxed);
+            if sc.swept_at.swap(now, Ordering::Relaxed) == now && Some(sc.stream) != keep {
+                quiet.push(sc.clone());
+            }
+        }
+        self.retire(device, quiet)
+    }
+
+    /// Empties and drops every stream cache of `device` (a flush: driver out-of-memory,
+    /// `empty_cache`, the allocator's drop). Returns their blocks.
+    pub(crate) fn drain_device(&self, device: Device) -> Vec<Arc<Record>> {
+        let all: Vec<Arc<StreamCache>> =
+            self.caches.iter().filter(|e| e.key().0 == device).map(|e| e.value().clone()).collect();
+        self.retire(device, all)
+    }
+
+    fn retire(&self, device: Device, caches: Vec<Arc<StreamCache>>) -> Vec<Arc<Record>> {
+        let mut blocks = Vec::new();
+        for sc in caches {
+            {
+                let mut l = sc.lock();
+                blocks.append(&mut l.take_all());
+                self.publish(device, &mut l, true);
+                l.retired = true;
+            }
+            self.caches.remove_if(&(device, sc.stream), |_, v| Arc::ptr_eq(v, &sc));
+        }
+        blocks
+    }
+
+    /// Gives back blocks the core could not release: to their stream's cache, with no
+    /// release policy applied.
+    pub(crate) fn put_back(&self, blocks: Vec<Arc<Record>>) {
+        for rec in blocks {
+            let (device, stream) = (rec.device(), rec.creation_stream);
+            let Some((class, _)) = class_of(rec.alloc_size) else { continue };
+            let mut rec = Some(rec);
+            while rec.is_some() {
+                self.with_stream_cache(device, stream, true, |sc| {
+                    let mut l = sc.lock();
+                    if l.retired {
+                        return Err(());
+                    }
+                    l.push(class, rec.take().expect("pushed once"));
+                    self.publish(device, &mut l, true);
+                    Ok(())
+                });
+            }
+        }
+    }
+
+    /// Statistics of `device` (a scan of its stream caches).
+    pub(crate) fn stats(&self, device: Device) -> CacheStats {
+        let mut s = CacheStats::default();
+        for e in self.caches.iter().filter(|e| e.key().0 == device) {
+            let l = e.value().lock();
+            s.cached += l.bytes;
+            s.hits += l.hits;
+            s.misses += l.misses;
+            s.streams += 1;
+        }
+        s
+    }
+
+    /// The idle blocks of `device`, for a snapshot: (address, class size, stream).
+    pub(crate) fn idle_blocks(&self, device: Device) -> Vec<(u64, u64, Stream)> {
+        let mut v = Vec::new();
+        for e in self.caches.iter().filter(|e| e.key().0 == device) {
+            let l = e.value().lock();
+            for list in l.free.iter() {
+                v.extend(list.iter().map(|r| (r.ptr, r.alloc_size, r.creation_stream)));
+            }
+        }
+        v
+    }
+
+    /// Moves a stream cache's byte count into the device total when it has drifted by
+    /// `PUBLISH_STEP` (or always, when `force`). Returns whether it published.
+    #[inline]
+    fn publish(&self, device: Device, l: &mut Lists, force: bool) -> bool {
+        let (now, then) = (l.bytes, l.published);
+        if now == then || (!force && now.abs_diff(then) < PUBLISH_STEP) {
+            return false;
+        }
+        if now > then {
+            self.cached[device].fetch_add(now - then, Ordering::Relaxed);
+        } else {
+            self.cached[device].fetch_sub(then - now, Ordering::Relaxed);
+        }
+        l.published = now;
+        true
+    }
+
+    /// Runs `f` on the cache of (device, stream), found through this thread's memo (on a
+    /// memo hit no shared line is touched). Without `create`, a stream with no cache
+    /// gives `None`. `f` returns `Err` when it finds the cache retired: the memo entry
+    /// is dropped and `None` returned.
+    #[inline]
+    fn with_stream_cache<R>(
+        &self,
+        device: Device,
+        stream: Stream,
+        create: bool,
+        f: impl FnOnce(&StreamCache) -> Result<R, ()>,
+    ) -> Option<R> {
+        let mine = |e: &MemoEntry| e.0 == self.id && e.1 == device && e.2 == stream;
+        let mut f = Some(f);
+        // A memo hit runs `f` inside the borrow: no reference count moves.
+        let hit = MEMO.try_with(|memo| {
+            let memo = memo.borrow();
+            let e = memo.iter().find(|e| mine(e))?;
+            Some((f.take().expect("runs once"))(&e.3))
+        });
+        let result = match hit {
+            Ok(Some(r)) => r,
+            _ => {
+                let cache = if create {
+                    let entry = self.caches.entry((device, stream));
+                    entry.or_insert_with(|| Arc::new(StreamCache::new(stream))).clone()
+                } else {
+                    self.caches.get(&(device, stream))?.clone()
+                };
+                let r = (f.take().expect("runs once"))(&cache);
+                if r.is_ok() {
+                    let _ = MEMO.try_with(|memo| {
+                        let mut memo = memo.borrow_mut();
+                        if memo.len() >= MEMO_ENTRIES {
+                            memo.remove(0);
+                        }
+                        memo.push((self.id, device, stream, cache));
+                    });
+                }
+                r
+            }
+        };
+        match result {
+            Ok(r) => Some(r),
+            Err(()) => {
+                let _ = MEMO.try_with(|memo| memo.borrow_mut().retain(|e| !mine(e)));
+                None
+            }
+        }
+    }
+}
