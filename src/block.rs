@@ -59,6 +59,8 @@ pub(crate) struct Record {
     has_recorded: AtomicBool,
     /// Streams recorded with `record_stream` (rare).
     recorded: Mutex<Vec<UsageStream>>,
+    /// When it last went idle, on its stream cache's clock (written under that lock).
+    idle_since: AtomicU64,
 }
 
 impl Record {
@@ -82,6 +84,7 @@ impl Record {
             handle: AtomicBool::new(false),
             has_recorded: AtomicBool::new(false),
             recorded: Mutex::new(Vec::new()),
+            idle_since: AtomicU64::new(0),
         }
     }
 
@@ -114,13 +117,25 @@ impl Record {
         self.state.compare_exchange(from, to, Ordering::AcqRel, Ordering::Acquire).is_ok()
     }
 
-    /// A cached block handed out again for `size` bytes (the caller holds it: it came
-    /// off a free list, so no other thread can hand it out).
+    /// A cached block handed out again for `size` bytes. The caller holds it: it came
+    /// off a free list, so no other thread can hand it out, and a racing free of the
+    /// address (a double free) fails its `LIVE` compare-and-swap until this store; a
+    /// plain store suffices.
     #[inline]
-    pub(crate) fn reuse(&self, size: u64, handle: bool) -> bool {
+    pub(crate) fn reuse(&self, size: u64, handle: bool) {
+        debug_assert_eq!(self.state(), CACHED, "a block off a free list is idle");
         self.size.store(size, Ordering::Relaxed);
         self.handle.store(handle, Ordering::Relaxed);
-        self.transition(CACHED, LIVE)
+        // Release: pairs with the Acquire loads of the state (the size is visible first).
+        self.state.store(LIVE, Ordering::Release);
+    }
+
+    pub(crate) fn idle_since(&self) -> u64 {
+        self.idle_since.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_idle_since(&self, tick: u64) {
+        self.idle_since.store(tick, Ordering::Relaxed);
     }
 
     pub(crate) fn set_handle(&self, handle: bool) {

@@ -344,8 +344,7 @@ impl<D: Driver> StreamAlloc<D> {
         };
         match cache.take(device, size, stream, note) {
             Some(rec) => {
-                let reused = rec.reuse(size, handle);
-                debug_assert!(reused, "a block off a free list is idle");
+                rec.reuse(size, handle);
                 Ok(Some(rec))
             }
             None => self.malloc_driver(shard, size, stream, handle, true).map(Some),
@@ -387,6 +386,18 @@ impl<D: Driver> StreamAlloc<D> {
             Some(_) if !captured => FrontCache::alloc_size(size),
             _ => size,
         };
+        if let Some(cache) = &self.cache
+            && !captured
+        {
+            // Lean policy: idle blocks of this stream go back first, on this stream, so
+            // the driver's pool serves the request from them instead of growing.
+            for rec in cache.before_miss(device, stream, alloc_size) {
+                if let Err(e) = self.free_idle(&rec, stream) {
+                    log::error!("releasing an idle block to the driver failed: {e}");
+                    cache.put_back(vec![rec]);
+                }
+            }
+        }
         let mut result = self.driver_malloc(device, alloc_size as usize, stream);
         if matches!(&result, Err(e) if e.is_oom()) && !captured {
             // Pressure: idle blocks of every stream, or a trial block a failed cache_info

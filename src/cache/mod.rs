@@ -75,6 +75,12 @@ pub struct CacheConfig {
     /// interval go back to the driver, and stream caches idle for one are dropped.
     /// 0 turns idle release off.
     pub idle_interval: u32,
+    /// On a miss, while the stream's idle bytes exceed this percentage of its live
+    /// bytes, its least recently freed idle blocks (at least the request's size) go
+    /// back to the driver first, on the stream itself, so the driver's pool (which
+    /// coalesces) serves the request from them instead of growing. `u32::MAX`: never
+    /// (the fast preset); see [`CacheConfig::lean`].
+    pub idle_over_live_pct: u32,
 }
 
 impl Default for CacheConfig {
@@ -84,6 +90,7 @@ impl Default for CacheConfig {
             max_bytes_per_device: 2 << 30,
             class_reach: 2,
             idle_interval: 1 << 14,
+            idle_over_live_pct: u32::MAX,
         }
     }
 }
@@ -92,6 +99,13 @@ impl CacheConfig {
     /// No cache: the seed's behaviour, every operation reaches the driver.
     pub fn passthrough() -> Self {
         CacheConfig { enabled: false, ..CacheConfig::default() }
+    }
+
+    /// The memory-lean preset: idle bytes beyond half a stream's live bytes go back to
+    /// the driver on a miss (fewer bytes held, more driver calls; DESIGN.md has the
+    /// measured trade-off). The C ABI's default, for PyTorch.
+    pub fn lean() -> Self {
+        CacheConfig { idle_over_live_pct: 50, ..CacheConfig::default() }
     }
 
     /// The default cache with another per-device byte budget.
@@ -201,6 +215,7 @@ impl FrontCache {
                 return Ok(None);
             };
             l.hits += 1;
+            l.live += rec.alloc_size;
             self.publish(device, &mut l, false);
             on_reuse(&rec);
             Ok(Some(rec))
@@ -227,16 +242,20 @@ impl FrontCache {
                 }
                 let r = rec.take().expect("put once");
                 (on_cache.take().expect("runs once"))(&r);
-                l.push(class, r);
+                l.live = l.live.saturating_sub(r.alloc_size);
                 sc.touch();
                 l.ops += 1;
+                r.set_idle_since(l.ops_total);
+                l.push(class, r);
                 let idle_check =
                     self.config.idle_interval > 0 && l.ops >= self.config.idle_interval;
                 let mut own = if idle_check { l.take_idle() } else { Vec::new() };
                 let published = self.publish(device, &mut l, idle_check);
-                let cached = self.cached[device].load(Ordering::Relaxed);
-                if published && cached > self.config.max_bytes_per_device {
-                    let excess = cached - self.config.max_bytes_per_device / 2;
+                let max = self.config.max_bytes_per_device;
+                let cached =
+                    if published { self.cached[device].load(Ordering::Relaxed) } else { 0 };
+                if cached > max {
+                    let excess = cached - max / 2;
                     own.extend(l.take_largest(excess));
                     self.publish(device, &mut l, true);
                 }
@@ -252,6 +271,32 @@ impl FrontCache {
                 None => continue,
             }
         }
+    }
+
+    /// A miss on (device, stream) is about to ask the driver for `alloc_size` bytes:
+    /// counts them live on the stream and, under the lean policy, returns the idle blocks
+    /// to free on `stream` first (least recently freed first, at least `alloc_size`).
+    pub(crate) fn before_miss(
+        &self,
+        device: Device,
+        stream: Stream,
+        alloc_size: u64,
+    ) -> Vec<Arc<Record>> {
+        let pct = self.config.idle_over_live_pct;
+        self.with_stream_cache(device, stream, false, |sc| {
+            let mut l = sc.lock();
+            if l.retired {
+                return Err(());
+            }
+            l.live += alloc_size;
+            if pct == u32::MAX || (l.bytes as u128) * 100 <= (l.live as u128) * pct as u128 {
+                return Ok(Vec::new());
+            }
+            let out = l.take_oldest(alloc_size);
+            self.publish(device, &mut l, false);
+            Ok(out)
+        })
+        .unwrap_or_default()
     }
 
     /// Empties and drops the stream caches of `device` that saw no operation since the

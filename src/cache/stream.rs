@@ -27,6 +27,10 @@ pub(crate) struct Lists {
     pub(crate) published: u64,
     /// Operations since the last idle check.
     pub(crate) ops: u32,
+    /// Puts so far (the clock of `Record::idle_since`).
+    pub(crate) ops_total: u64,
+    /// Bytes (class sizes) of this stream's blocks handed out and not yet back.
+    pub(crate) live: u64,
     pub(crate) hits: u64,
     pub(crate) misses: u64,
     /// Removed from the cache map (emptied while idle): blocks may not be put here.
@@ -54,6 +58,7 @@ impl Lists {
     /// Pushes an idle block onto its class list.
     #[inline]
     pub(crate) fn push(&mut self, class: usize, rec: Arc<Record>) {
+        self.ops_total += 1;
         self.free[class].push(rec);
         self.bytes += class_size(class);
     }
@@ -86,6 +91,25 @@ impl Lists {
                 out.push(r);
             }
             self.low[c] = self.low[c].min(self.free[c].len() as u32);
+        }
+        out
+    }
+
+    /// Takes the least recently freed blocks (the oldest at the bottom of each class
+    /// list) until at least `bytes` are taken.
+    pub(crate) fn take_oldest(&mut self, mut bytes: u64) -> Vec<Arc<Record>> {
+        let mut out = Vec::new();
+        while bytes > 0 {
+            let oldest = (0..CLASSES)
+                .filter_map(|c| self.free[c].first().map(|r| (r.idle_since(), c)))
+                .min();
+            let Some((_, c)) = oldest else { break };
+            let r = self.free[c].remove(0);
+            let cs = class_size(c);
+            self.bytes -= cs;
+            self.low[c] = self.low[c].min(self.free[c].len() as u32);
+            bytes = bytes.saturating_sub(cs);
+            out.push(r);
         }
         out
     }
@@ -123,6 +147,8 @@ impl StreamCache {
                 bytes: 0,
                 published: 0,
                 ops: 0,
+                ops_total: 0,
+                live: 0,
                 hits: 0,
                 misses: 0,
                 retired: false,
