@@ -24,11 +24,11 @@
 use crate::api::{BlockSnapshot, DeviceStats, StreamOrderedAllocator};
 use crate::budget::Budget;
 use crate::cache::{CACHE_CREDIT, CacheConfig, PUBLISH_STEP, StreamCache, class_of};
-use crate::driver::{Driver, DriverResult};
+use crate::driver::Driver;
 use crate::epoch::{EpochGate, Section};
 use crate::error::{Error, OutOfMemory, Result};
 use crate::freed::FreedTable;
-use crate::lane::{DriverLane, Lane};
+use crate::lane::{DriverLane, Laned};
 use crate::types::{Device, DevicePtr, Stream, UsageStream};
 use crate::warn::{WarningCounts, Warnings};
 use arc_swap::ArcSwapOption;
@@ -120,8 +120,6 @@ struct Shard {
     /// Bytes held by this device's stream caches, as they last published them (within
     /// `PUBLISH_STEP` per stream cache of the truth).
     cached: AtomicU64,
-    /// One thread at a time in the driver's malloc/free for this device.
-    lane: Lane,
 }
 
 /// State of the capture underway (installed before the odd epoch is published).
@@ -140,7 +138,8 @@ struct Capture {
 /// Same observable semantics as PyTorch's cudaMallocAsync backend (S1..S19 of the
 /// brief), without its process-wide mutex. See the crate's DESIGN.md for the layers.
 pub struct StreamAlloc<D: Driver> {
-    driver: D,
+    /// The driver behind its lane (`src/lane/`): every driver call goes through it.
+    driver: Laned<D>,
     shards: Box<[Shard]>,
     blocks: PtrMap<BlockInfo>,
     epoch: EpochGate,
@@ -158,8 +157,6 @@ pub struct StreamAlloc<D: Driver> {
     caches: DashMap<(Device, Stream), Arc<StreamCache>>,
     /// Tells this allocator's entries apart in the per-thread stream-cache memo.
     id: u64,
-    /// How driver allocation calls are serialized per device (`src/lane.rs`).
-    lane: DriverLane,
 }
 
 /// What a cache lookup found.
@@ -220,11 +217,10 @@ impl<D: Driver> StreamAlloc<D> {
                 unifying: OnceLock::new(),
                 init: Mutex::new(()),
                 cached: AtomicU64::new(0),
-                lane: Lane::new(),
             })
             .collect();
         StreamAlloc {
-            driver,
+            driver: Laned::auto(driver),
             shards,
             blocks: DashMap::with_hasher_and_shard_amount(
                 BuildHasherDefault::default(),
@@ -239,57 +235,14 @@ impl<D: Driver> StreamAlloc<D> {
             cache,
             caches: DashMap::new(),
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
-            lane: DriverLane::Off,
-        }
-        .with_driver_lane_default()
-    }
-
-    fn with_driver_lane_default(mut self) -> Self {
-        if self.driver.serializes_internally() {
-            self.lane = DriverLane::Lock;
-        }
-        self
-    }
-
-    /// Chooses how driver malloc/free calls are serialized per device (default: a
-    /// blocking lock when the driver says it serializes internally, as CUDA does; else
-    /// none). Bookkeeping stays lock-free either way.
-    pub fn with_driver_lane(mut self, lane: DriverLane) -> Self {
-        self.lane = lane;
-        self
-    }
-
-    /// `cuMemAllocAsync` through the device's lane (when on).
-    #[inline]
-    fn driver_malloc(
-        &self,
-        device: Device,
-        size: usize,
-        stream: Stream,
-    ) -> DriverResult<DevicePtr> {
-        let call = || self.driver.malloc_async(device, size, stream);
-        match self.lane {
-            DriverLane::Off => call(),
-            DriverLane::Lock => self.shards[device].lane.run_blocking(call),
-            DriverLane::Combining => self.shards[device].lane.run(call),
         }
     }
 
-    /// `cuMemFreeAsync` through the device's lane (when on).
-    #[inline]
-    fn driver_free(
-        &self,
-        device: Device,
-        ptr: DevicePtr,
-        size: usize,
-        stream: Stream,
-    ) -> DriverResult<()> {
-        let call = || self.driver.free_async(device, ptr, size, stream);
-        match self.lane {
-            DriverLane::Off => call(),
-            DriverLane::Lock => self.shards[device].lane.run_blocking(call),
-            DriverLane::Combining => self.shards[device].lane.run(call),
-        }
+    /// How this allocator's driver calls are serialized per device: the default lane
+    /// for a driver that serializes internally (CUDA), else none; wrap the driver in
+    /// [`Laned::new`] to choose (see `src/lane/`).
+    pub fn driver_lane(&self) -> DriverLane {
+        self.driver.lane()
     }
 
     /// The front cache's settings.
@@ -299,7 +252,7 @@ impl<D: Driver> StreamAlloc<D> {
 
     /// The driver underneath.
     pub fn driver(&self) -> &D {
-        &self.driver
+        self.driver.inner()
     }
 
     /// Allocates a block freed when the returned handle drops (like PyTorch's DataPtr).
@@ -397,13 +350,13 @@ impl<D: Driver> StreamAlloc<D> {
         self.driver.check_last_error(device)?;
         self.reserve_exact(shard, size)?;
         let alloc_size = self.driver_size(size) as usize;
-        let mut result = self.driver_malloc(device, alloc_size, stream);
+        let mut result = self.driver.malloc_async(device, alloc_size, stream);
         if matches!(&result, Err(e) if e.is_oom()) && !section.capturing() {
             // Cached blocks, or a trial block a failed cache_info free left behind, may be
             // what the driver is missing: give them back, retry once.
             let flushed = self.cache.enabled && self.flush_caches(shard).is_ok();
             if self.free_orphans().unwrap_or(false) || flushed {
-                result = self.driver_malloc(device, alloc_size, stream);
+                result = self.driver.malloc_async(device, alloc_size, stream);
             }
         }
         let ptr = match result {
@@ -661,7 +614,8 @@ impl<D: Driver> StreamAlloc<D> {
         for (ptr, size, stream) in blocks {
             let freed = first_error.is_none()
                 && self
-                    .driver_free(device, DevicePtr::from_raw(ptr), size as usize, unifying)
+                    .driver
+                    .free_async(device, DevicePtr::from_raw(ptr), size as usize, unifying)
                     .map_err(|e| first_error = Some(e))
                     .is_ok();
             if !freed {
@@ -732,7 +686,7 @@ impl<D: Driver> StreamAlloc<D> {
         let creation = info.creation();
         let free_stream = match &info.recorded {
             None => {
-                self.driver_free(
+                self.driver.free_async(
                     device,
                     DevicePtr::from_raw(ptr),
                     self.driver_size(info.size) as usize,
@@ -749,7 +703,7 @@ impl<D: Driver> StreamAlloc<D> {
                 for &used_on in recorded.iter() {
                     self.driver.sync_streams(used_on, unifying)?;
                 }
-                self.driver_free(
+                self.driver.free_async(
                     device,
                     DevicePtr::from_raw(ptr),
                     self.driver_size(info.size) as usize,
