@@ -25,11 +25,11 @@ use crate::api::{BlockSnapshot, DeviceStats, StreamOrderedAllocator};
 use crate::block::{CACHED, DEFERRED, GONE, LIVE, Orphan, Record};
 use crate::budget::Budget;
 use crate::cache::{CacheConfig, FrontCache, Released, class_of};
-use crate::driver::{Driver, DriverResult};
+use crate::driver::Driver;
 use crate::epoch::{EpochGate, Section};
 use crate::error::{Error, OutOfMemory, Result};
 use crate::freed::FreedTable;
-use crate::lane::{DriverLane, Lane};
+use crate::lane::{DriverLane, Laned};
 use crate::types::{Device, DevicePtr, Stream, UsageStream};
 use crate::warn::{WarningCounts, Warnings};
 use arc_swap::ArcSwapOption;
@@ -98,8 +98,6 @@ struct Shard {
     init: Mutex<()>,
     /// Driver allocations retried after a driver out-of-memory released idle blocks.
     alloc_retries: AtomicU64,
-    /// One thread at a time in the driver's malloc/free for this device.
-    lane: Lane,
 }
 
 /// State of the capture underway (installed before the odd epoch is published).
@@ -118,7 +116,8 @@ struct Capture {
 /// Same observable semantics as PyTorch's cudaMallocAsync backend (S1..S19 of the
 /// brief), without its process-wide mutex. See the crate's DESIGN.md for the layers.
 pub struct StreamAlloc<D: Driver> {
-    driver: D,
+    /// The driver behind its lane (`src/lane/`): every driver call goes through it.
+    driver: Laned<D>,
     shards: Box<[Shard]>,
     blocks: PtrMap<Arc<Record>>,
     epoch: EpochGate,
@@ -133,8 +132,6 @@ pub struct StreamAlloc<D: Driver> {
     warnings: Warnings,
     /// The front cache, when on (`None`: every malloc and free reaches the driver).
     cache: Option<FrontCache>,
-    /// How driver allocation calls are serialized per device (`src/lane.rs`).
-    lane: DriverLane,
 }
 
 impl<D: Driver> StreamAlloc<D> {
@@ -166,11 +163,10 @@ impl<D: Driver> StreamAlloc<D> {
                 unifying: OnceLock::new(),
                 init: Mutex::new(()),
                 alloc_retries: AtomicU64::new(0),
-                lane: Lane::new(),
             })
             .collect();
         StreamAlloc {
-            driver,
+            driver: Laned::auto(driver),
             shards,
             blocks: DashMap::with_hasher_and_shard_amount(
                 BuildHasherDefault::default(),
@@ -183,57 +179,14 @@ impl<D: Driver> StreamAlloc<D> {
             orphans: SegQueue::new(),
             warnings: Warnings::default(),
             cache: cache.enabled.then(|| FrontCache::new(cache, device_count)),
-            lane: DriverLane::Off,
-        }
-        .with_driver_lane_default()
-    }
-
-    fn with_driver_lane_default(mut self) -> Self {
-        if self.driver.serializes_internally() {
-            self.lane = DriverLane::Lock;
-        }
-        self
-    }
-
-    /// Chooses how driver malloc/free calls are serialized per device (default: a
-    /// blocking lock when the driver says it serializes internally, as CUDA does; else
-    /// none). Bookkeeping stays lock-free either way.
-    pub fn with_driver_lane(mut self, lane: DriverLane) -> Self {
-        self.lane = lane;
-        self
-    }
-
-    /// `cuMemAllocAsync` through the device's lane (when on).
-    #[inline]
-    fn driver_malloc(
-        &self,
-        device: Device,
-        size: usize,
-        stream: Stream,
-    ) -> DriverResult<DevicePtr> {
-        let call = || self.driver.malloc_async(device, size, stream);
-        match self.lane {
-            DriverLane::Off => call(),
-            DriverLane::Lock => self.shards[device].lane.run_blocking(call),
-            DriverLane::Combining => self.shards[device].lane.run(call),
         }
     }
 
-    /// `cuMemFreeAsync` through the device's lane (when on).
-    #[inline]
-    fn driver_free(
-        &self,
-        device: Device,
-        ptr: DevicePtr,
-        size: usize,
-        stream: Stream,
-    ) -> DriverResult<()> {
-        let call = || self.driver.free_async(device, ptr, size, stream);
-        match self.lane {
-            DriverLane::Off => call(),
-            DriverLane::Lock => self.shards[device].lane.run_blocking(call),
-            DriverLane::Combining => self.shards[device].lane.run(call),
-        }
+    /// How this allocator's driver calls are serialized per device: the default lane
+    /// for a driver that serializes internally (CUDA), else none; wrap the driver in
+    /// [`Laned::new`] to choose (see `src/lane/`).
+    pub fn driver_lane(&self) -> DriverLane {
+        self.driver.lane()
     }
 
     /// The front cache's settings.
@@ -243,7 +196,7 @@ impl<D: Driver> StreamAlloc<D> {
 
     /// The driver underneath.
     pub fn driver(&self) -> &D {
-        &self.driver
+        self.driver.inner()
     }
 
     /// Allocates a block freed when the returned handle drops (like PyTorch's DataPtr).
@@ -398,7 +351,7 @@ impl<D: Driver> StreamAlloc<D> {
                 }
             }
         }
-        let mut result = self.driver_malloc(device, alloc_size as usize, stream);
+        let mut result = self.driver.malloc_async(device, alloc_size as usize, stream);
         if matches!(&result, Err(e) if e.is_oom()) && !captured {
             // Pressure: idle blocks of every stream, or a trial block a failed cache_info
             // free left behind, may be what the driver is missing. Give them back and ask
@@ -408,7 +361,7 @@ impl<D: Driver> StreamAlloc<D> {
             if flushed > 0 || orphans || alloc_size != size {
                 shard.alloc_retries.fetch_add(1, Ordering::Relaxed);
                 alloc_size = size;
-                result = self.driver_malloc(device, size as usize, stream);
+                result = self.driver.malloc_async(device, size as usize, stream);
             }
         }
         let ptr = match result {
@@ -505,7 +458,7 @@ impl<D: Driver> StreamAlloc<D> {
         let recorded = rec.recorded();
         let bytes = rec.alloc_size as usize;
         let freed = if recorded.is_empty() {
-            self.driver_free(device, rec.dptr(), bytes, creation.stream).map(|_| creation)
+            self.driver.free_async(device, rec.dptr(), bytes, creation.stream).map(|_| creation)
         } else {
             let unifying = UsageStream::new(
                 *self.shards[device].unifying.get().expect("a block's device is initialized"),
@@ -516,7 +469,7 @@ impl<D: Driver> StreamAlloc<D> {
                 for &used_on in recorded.iter() {
                     self.driver.sync_streams(used_on, unifying)?;
                 }
-                self.driver_free(device, rec.dptr(), bytes, unifying.stream)
+                self.driver.free_async(device, rec.dptr(), bytes, unifying.stream)
             })()
             .map(|_| unifying)
         };
@@ -574,7 +527,7 @@ impl<D: Driver> StreamAlloc<D> {
         debug_assert!(ok, "an idle block off a free list");
         self.blocks.remove_if(&rec.ptr, |_, r| Arc::ptr_eq(r, rec));
         let bytes = rec.alloc_size as usize;
-        if let Err(e) = self.driver_free(rec.device(), rec.dptr(), bytes, stream) {
+        if let Err(e) = self.driver.free_async(rec.device(), rec.dptr(), bytes, stream) {
             self.blocks.insert(rec.ptr, rec.clone());
             rec.transition(GONE, CACHED);
             return Err(e.into());

@@ -23,8 +23,8 @@ pub mod cache;
 pub mod core;
 mod epoch;
 mod freed;
-mod lane;
-pub use lane::DriverLane;
+pub mod lane;
+pub use lane::{DelegateLane, DriverLane, Laned, LockLane};
 pub mod replica;
 mod sync;
 #[cfg(all(test, streamalloc_loom))]

@@ -5,14 +5,49 @@
 //! on loom's types and model-checked; otherwise they use `std`'s.
 
 #[cfg(not(streamalloc_loom))]
-pub(crate) use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering, fence};
+pub(crate) use std::sync::atomic::{
+    AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering, fence,
+};
 #[cfg(not(streamalloc_loom))]
 pub(crate) use std::sync::{Mutex, MutexGuard};
+#[cfg(not(streamalloc_loom))]
+pub(crate) use std::thread::{Thread, current as current_thread, park};
 
 #[cfg(streamalloc_loom)]
-pub(crate) use loom::sync::atomic::{AtomicU64, AtomicUsize, Ordering, fence};
+pub(crate) use loom::cell::UnsafeCell;
+#[cfg(streamalloc_loom)]
+pub(crate) use loom::sync::atomic::{
+    AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering, fence,
+};
 #[cfg(streamalloc_loom)]
 pub(crate) use loom::sync::{Mutex, MutexGuard};
+#[cfg(streamalloc_loom)]
+pub(crate) use loom::thread::{Thread, current as current_thread, park};
+
+/// `std`'s `UnsafeCell` with loom's interface (`with` / `with_mut` hand out raw
+/// pointers), so that code written against it is model-checked under loom.
+#[cfg(not(streamalloc_loom))]
+#[derive(Debug)]
+pub(crate) struct UnsafeCell<T>(std::cell::UnsafeCell<T>);
+
+#[cfg(not(streamalloc_loom))]
+impl<T> UnsafeCell<T> {
+    pub(crate) const fn new(data: T) -> Self {
+        UnsafeCell(std::cell::UnsafeCell::new(data))
+    }
+
+    /// Runs `f` with a shared pointer to the value.
+    #[inline(always)]
+    pub(crate) fn with<R>(&self, f: impl FnOnce(*const T) -> R) -> R {
+        f(self.0.get())
+    }
+
+    /// Runs `f` with an exclusive pointer to the value.
+    #[inline(always)]
+    pub(crate) fn with_mut<R>(&self, f: impl FnOnce(*mut T) -> R) -> R {
+        f(self.0.get())
+    }
+}
 
 /// Yields while spinning on a condition another thread will change.
 pub(crate) fn spin_wait() {
@@ -20,6 +55,15 @@ pub(crate) fn spin_wait() {
     loom::thread::yield_now();
     #[cfg(not(streamalloc_loom))]
     std::thread::yield_now();
+}
+
+/// A hint inside a short spin (under loom: a yield, so the model makes progress).
+#[inline(always)]
+pub(crate) fn spin_hint() {
+    #[cfg(streamalloc_loom)]
+    loom::thread::yield_now();
+    #[cfg(not(streamalloc_loom))]
+    std::hint::spin_loop();
 }
 
 /// Locks a mutex, ignoring poisoning: the data behind our mutexes stays consistent

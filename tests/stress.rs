@@ -13,7 +13,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use streamalloc::sim::SimDriver;
 use streamalloc::{
-    CacheConfig, DevicePtr, DriverLane, Error, StreamAlloc, StreamOrderedAllocator, UsageStream,
+    CacheConfig, DevicePtr, DriverLane, Error, Laned, StreamAlloc, StreamOrderedAllocator,
+    UsageStream,
 };
 
 struct Rng(u64);
@@ -29,7 +30,8 @@ impl Rng {
 fn run(cache: CacheConfig, lane: DriverLane, min_ops: u64, min_time: Duration) {
     let devices = 2;
     let sim = Arc::new(SimDriver::with_devices(devices, CAPACITY));
-    let alloc = StreamAlloc::with_cache(sim.clone(), cache).unwrap().with_driver_lane(lane);
+    let alloc = StreamAlloc::with_cache(Laned::new(sim.clone(), lane), cache).unwrap();
+    assert_eq!(alloc.driver_lane(), DriverLane::Off, "a driver in a lane gets no other");
     alloc.enable_peer_access(0, 1).unwrap();
     alloc.enable_peer_access(1, 0).unwrap();
     let threads = 4 * std::thread::available_parallelism().map_or(2, |n| n.get());
@@ -143,9 +145,16 @@ fn stress_short_passthrough() {
 
 #[test]
 fn stress_short_driver_lane() {
-    // Driver calls through the combining lane, as on CUDA.
-    run(CacheConfig::passthrough(), DriverLane::Combining, 100_000, Duration::ZERO);
+    // Driver calls through the lanes CUDA may use.
     run(CacheConfig::passthrough(), DriverLane::Lock, 50_000, Duration::ZERO);
+    run(CacheConfig::passthrough(), DriverLane::Delegate, 100_000, Duration::ZERO);
+}
+
+#[test]
+fn stress_short_delegate_always() {
+    // Every driver allocation call made by the delegate threads, cached and not.
+    run(CacheConfig::passthrough(), DriverLane::DelegateAlways, 100_000, Duration::ZERO);
+    run(CacheConfig::default(), DriverLane::DelegateAlways, 100_000, Duration::ZERO);
 }
 
 #[test]
@@ -163,7 +172,9 @@ fn stress_small_cache_budget() {
 #[ignore = "long mode: STRESS_SECS=600 cargo test --release --test stress -- --ignored"]
 fn stress_long() {
     let secs = std::env::var("STRESS_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(60);
-    run(CacheConfig::default(), DriverLane::Combining, 0, Duration::from_secs(secs / 3));
-    run(CacheConfig::passthrough(), DriverLane::Lock, 0, Duration::from_secs(secs / 3));
-    run(CacheConfig::passthrough(), DriverLane::Off, 0, Duration::from_secs(secs / 3));
+    let part = Duration::from_secs(secs / 4);
+    run(CacheConfig::default(), DriverLane::Delegate, 0, part);
+    run(CacheConfig::passthrough(), DriverLane::DelegateAlways, 0, part);
+    run(CacheConfig::passthrough(), DriverLane::Lock, 0, part);
+    run(CacheConfig::passthrough(), DriverLane::Off, 0, part);
 }

@@ -21,7 +21,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use streamalloc::sim::NullDriver;
-use streamalloc::{CacheConfig, DriverLane, SeedReplica, StreamAlloc, UsageStream};
+use streamalloc::{CacheConfig, DriverLane, Laned, SeedReplica, StreamAlloc, UsageStream};
 use workload::{HandleApi, PtrApi, RawDriver, Workload};
 
 #[global_allocator]
@@ -48,10 +48,17 @@ struct Variant {
 /// arm in [`measure`].
 const VARIANTS: &[Variant] = &[
     Variant { name: "raw_driver", on: On::GpuOnly },
+    // The driver alone: one thread, N streams (the threads column is N), alternating.
+    Variant { name: "raw_one_thread", on: On::GpuOnly },
+    // The driver through a lane alone, no bookkeeping.
+    Variant { name: "raw_lock", on: On::GpuOnly },
+    Variant { name: "raw_delegate", on: On::GpuOnly },
     Variant { name: "seed_replica", on: On::Device },
     Variant { name: "streamalloc", on: On::Device },
     Variant { name: "streamalloc_nolane", on: On::Device },
-    Variant { name: "streamalloc_combining", on: On::Device },
+    Variant { name: "streamalloc_lock", on: On::Device },
+    Variant { name: "streamalloc_delegate", on: On::Device },
+    Variant { name: "streamalloc_delegate_always", on: On::Device },
     Variant { name: "streamalloc_cached", on: On::Device },
     Variant { name: "streamalloc_cached_ptr", on: On::Device },
     Variant { name: "seed_replica_null", on: On::Null },
@@ -79,6 +86,12 @@ fn measure<D: BenchDevice>(
     let err = |e: streamalloc::Error| e.to_string();
     match name {
         "raw_driver" => go(&RawDriver(&**dev), dev, streams, threads, iters),
+        "raw_one_thread" => workload::one_thread_streams(&**dev, streams, threads, iters),
+        "raw_lock" | "raw_delegate" => {
+            let lane = if name == "raw_lock" { DriverLane::Lock } else { DriverLane::Delegate };
+            let laned = Laned::new(dev.clone(), lane);
+            go(&RawDriver(&laned), dev, streams, threads, iters)
+        }
         "seed_replica" | "seed_replica_null" => {
             let a = SeedReplica::new(dev.clone()).map_err(err)?;
             go(&PtrApi(&a), dev, streams, threads, iters)
@@ -90,12 +103,15 @@ fn measure<D: BenchDevice>(
                 StreamAlloc::with_cache(dev.clone(), CacheConfig::passthrough()).map_err(err)?;
             go(&PtrApi(&a), dev, streams, threads, iters)
         }
-        "streamalloc_nolane" | "streamalloc_combining" => {
-            let lane =
-                if name == "streamalloc_nolane" { DriverLane::Off } else { DriverLane::Combining };
-            let a = StreamAlloc::with_cache(dev.clone(), CacheConfig::passthrough())
-                .map_err(err)?
-                .with_driver_lane(lane);
+        // The same through a lane chosen here (`streamalloc_<lane>`).
+        "streamalloc_nolane"
+        | "streamalloc_lock"
+        | "streamalloc_delegate"
+        | "streamalloc_delegate_always" => {
+            let lane = name.strip_prefix("streamalloc_").unwrap_or("off");
+            let lane = DriverLane::from_name(lane).unwrap_or(DriverLane::Off);
+            let laned = Laned::new(dev.clone(), lane);
+            let a = StreamAlloc::with_cache(laned, CacheConfig::passthrough()).map_err(err)?;
             go(&PtrApi(&a), dev, streams, threads, iters)
         }
         // With the front cache (the default), through the handle API and the pointer API.
@@ -381,7 +397,7 @@ fn real_main(mut o: Opts) -> Result<(), String> {
         }
     }
     // Peak reserved against peak live bytes with the front cache (untimed runs).
-    if wanted(&VARIANTS[5]) {
+    if VARIANTS.iter().any(|v| v.name == "streamalloc_cached" && wanted(v)) {
         for &t in &thread_counts {
             let r = match (&device, &device_streams) {
                 (Some(DeviceBackend::Cuda(d)), Some(s)) => {

@@ -188,6 +188,47 @@ pub fn run<W: Workload>(
     Ok(threads as f64 * iters as f64 / seconds / 1e6)
 }
 
+/// The driver alone from one thread over `n` streams: the ring's step `i` frees the
+/// oldest block (on the stream it was allocated on) and allocates on stream `i % n`, so
+/// consecutive calls alternate streams. Shows what one thread gets from the driver, and
+/// whether more streams cost it anything, with no lane and no other thread. Returns
+/// million pairs per second.
+pub fn one_thread_streams<D: crate::backend::BenchDevice>(
+    dev: &D,
+    streams: &[UsageStream],
+    n: usize,
+    iters: u64,
+) -> Result<f64, String> {
+    let streams = streams.get(..n).ok_or("fewer streams than asked for")?;
+    let w = RawDriver(dev);
+    let mut ring: Vec<Option<(DevicePtr, usize, Stream)>> = (0..WINDOW).map(|_| None).collect();
+    let step = |ring: &mut [Option<(DevicePtr, usize, Stream)>], i: u64| {
+        let k = (i % WINDOW as u64) as usize;
+        if let Some(old) = ring[k].take() {
+            w.free(old)?;
+        }
+        let stream = streams[(i % n as u64) as usize].stream;
+        ring[k] = Some(w.alloc(size_of(i), stream)?);
+        Ok::<(), String>(())
+    };
+    let sync_all = || streams.iter().try_for_each(|&s| dev.sync(s));
+    for i in 0..iters / 10 {
+        step(&mut ring, i)?;
+    }
+    sync_all()?;
+    let t0 = Instant::now();
+    for i in 0..iters {
+        step(&mut ring, i)?;
+    }
+    sync_all()?;
+    let seconds = t0.elapsed().as_secs_f64();
+    for old in ring.iter_mut().filter_map(Option::take) {
+        w.free(old)?;
+    }
+    sync_all()?;
+    Ok(iters as f64 / seconds / 1e6)
+}
+
 /// The handle API with the live bytes counted (for the peak-memory probe only: the
 /// shared counter would distort a throughput run).
 struct CountingHandles<'a, D: Driver> {
