@@ -28,6 +28,7 @@ use crate::driver::{Driver, DriverResult};
 use crate::epoch::{EpochGate, Section};
 use crate::error::{Error, OutOfMemory, Result};
 use crate::freed::FreedTable;
+use crate::history::{Action, History, OomObservers};
 use crate::lane::{DriverLane, Lane};
 use crate::types::{Device, DevicePtr, Stream, UsageStream};
 use crate::warn::{WarningCounts, Warnings};
@@ -160,6 +161,10 @@ pub struct StreamAlloc<D: Driver> {
     id: u64,
     /// How driver allocation calls are serialized per device (`src/lane.rs`).
     lane: DriverLane,
+    /// Allocation history (`src/history.rs`): off unless `record_history` turns it on.
+    pub(crate) history: History,
+    /// Out-of-memory observers (`src/history.rs`).
+    pub(crate) oom_observers: OomObservers,
 }
 
 /// What a cache lookup found.
@@ -240,6 +245,8 @@ impl<D: Driver> StreamAlloc<D> {
             caches: DashMap::new(),
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             lane: DriverLane::Off,
+            history: History::default(),
+            oom_observers: OomObservers::default(),
         }
         .with_driver_lane_default()
     }
@@ -326,10 +333,13 @@ impl<D: Driver> StreamAlloc<D> {
         }
         let shard = self.shard(device)?;
         if let Some(ptr) = self.try_cached(shard, size64, stream) {
+            self.history.note(Action::Alloc, device, ptr, size64, stream);
             return Ok(block(DevicePtr::from_raw(ptr), false));
         }
         let cacheable = self.cacheable_size(size64);
-        let (ptr, captured) = self.malloc_driver(shard, size64, stream, !cacheable)?;
+        let r = self.malloc_driver(shard, size64, stream, !cacheable);
+        let (ptr, captured) = self.noted_oom(stream, r)?;
+        self.history.note(Action::Alloc, device, ptr.as_raw(), size64, stream);
         Ok(block(ptr, captured || !cacheable))
     }
 
@@ -413,6 +423,7 @@ impl<D: Driver> StreamAlloc<D> {
                 return Err(if e.is_oom() { self.oom(device, size) } else { e.into() });
             }
         };
+        self.history.note(Action::SegmentAlloc, device, ptr.as_raw(), alloc_size as u64, stream);
         let captured = section.capturing();
         if track || captured {
             let info = BlockInfo {
@@ -666,6 +677,8 @@ impl<D: Driver> StreamAlloc<D> {
                     .is_ok();
             if !freed {
                 self.put_back(device, stream, ptr, size);
+            } else {
+                self.history.note(Action::SegmentFree, device, ptr, size, stream);
             }
         }
         first_error.map_or(Ok(()), |e| Err(e.into()))
@@ -696,6 +709,8 @@ impl<D: Driver> StreamAlloc<D> {
             self.track(device, ptr, size, stream);
             return self.free(ptr);
         }
+        self.history.note(Action::FreeRequested, device, ptr.as_raw(), size, stream);
+        self.history.note(Action::FreeCompleted, device, ptr.as_raw(), size, stream);
         self.put_cached(&self.shards[device], ptr.as_raw(), size, stream);
         Ok(())
     }
@@ -723,6 +738,40 @@ impl<D: Driver> StreamAlloc<D> {
             totals.2 += l.misses;
         }
         totals
+    }
+
+    /// HOOK for the front cache: every block the cache holds now (memory snapshots list
+    /// them as inactive blocks). Built on today's per-stream free lists; a new cache
+    /// keeps this signature.
+    pub fn cached_blocks(&self) -> Vec<crate::history::CachedBlock> {
+        let mut v = Vec::new();
+        for e in self.caches.iter() {
+            let (device, stream) = *e.key();
+            let l = e.value().lock();
+            for (class, list) in l.free.iter().enumerate() {
+                let size = crate::cache::class_size(class);
+                v.extend(list.iter().map(|&p| crate::history::CachedBlock {
+                    ptr: DevicePtr::from_raw(p),
+                    size,
+                    device,
+                    stream,
+                }));
+            }
+        }
+        v
+    }
+
+    /// The history hook of a free: `FreeRequested`, and `FreeCompleted` when the free
+    /// was issued (not deferred by a capture).
+    #[inline(always)]
+    fn history_free(&self, info: &BlockInfo, ptr: u64, completed: bool) {
+        if self.history.on() {
+            let (d, s) = (info.device as Device, info.creation_stream);
+            self.history.note(Action::FreeRequested, d, ptr, info.size, s);
+            if completed {
+                self.history.note(Action::FreeCompleted, d, ptr, info.size, s);
+            }
+        }
     }
 
     /// S5: issues the driver free of a block already taken out of the map, then gives
@@ -765,6 +814,8 @@ impl<D: Driver> StreamAlloc<D> {
         }
         self.shards[device].budget.release(info.size);
         self.freed.freed(ptr);
+        let size = self.driver_size(info.size);
+        self.history.note(Action::SegmentFree, device, ptr, size, info.creation_stream);
         Ok(())
     }
 
@@ -807,6 +858,13 @@ impl<D: Driver> StreamAlloc<D> {
                 self.deferred.push(ptr);
                 return Err(e);
             }
+            self.history.note(
+                Action::FreeCompleted,
+                info.device as Device,
+                ptr,
+                info.size,
+                info.creation_stream,
+            );
         }
         Ok(())
     }
@@ -820,6 +878,7 @@ impl<D: Driver> StreamAlloc<D> {
             Some(b) if b.captured => Ok(false),
             Some(mut b) => {
                 b.free_deferred = true;
+                self.history_free(&b, ptr.as_raw(), false);
                 drop(b);
                 self.warnings.uncaptured_free_during_capture(ptr);
                 self.deferred.push(ptr.as_raw());
@@ -888,9 +947,13 @@ impl<D: Driver> StreamOrderedAllocator for StreamAlloc<D> {
                 recorded: None,
             };
             self.blocks.insert(ptr, info);
+            self.history.note(Action::Alloc, device, ptr, size, stream);
             return Ok(DevicePtr::from_raw(ptr));
         }
-        self.malloc_driver(shard, size, stream, true).map(|(ptr, _)| ptr)
+        let r = self.malloc_driver(shard, size, stream, true).map(|(ptr, _)| ptr);
+        let ptr = self.noted_oom(stream, r)?;
+        self.history.note(Action::Alloc, device, ptr.as_raw(), size, stream);
+        Ok(ptr)
     }
 
     fn free(&self, ptr: DevicePtr) -> Result<()> {
@@ -906,6 +969,7 @@ impl<D: Driver> StreamOrderedAllocator for StreamAlloc<D> {
                 self.blocks.remove_if(&key, |_, b| !b.free_deferred && self.cacheable(b))
         {
             self.freed.freed(key);
+            self.history_free(&info, key, true);
             self.put_cached(
                 &self.shards[info.device as usize],
                 key,
@@ -934,6 +998,7 @@ impl<D: Driver> StreamOrderedAllocator for StreamAlloc<D> {
             self.blocks.insert(key, info);
             return Err(e);
         }
+        self.history_free(&info, key, true);
         Ok(())
     }
 
