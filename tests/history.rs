@@ -12,7 +12,10 @@ use streamalloc::{
 const MIB: u64 = 1 << 20;
 const CAPACITY: u64 = 256 * MIB;
 
-fn subjects() -> Vec<(&'static str, Arc<SimDriver>, StreamAlloc<Arc<SimDriver>>)> {
+/// A subject: its name, its simulated device, the allocator on it.
+type Subject = (&'static str, Arc<SimDriver>, StreamAlloc<Arc<SimDriver>>);
+
+fn subjects() -> Vec<Subject> {
     let mk = |cache: CacheConfig| {
         let sim = Arc::new(SimDriver::with_devices(1, CAPACITY));
         let a = StreamAlloc::with_cache(sim.clone(), cache).unwrap();

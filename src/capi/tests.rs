@@ -250,7 +250,9 @@ fn history_and_snapshot_through_the_c_abi() {
 fn oom_observer_through_the_c_abi() {
     use super::history::*;
     use std::sync::Mutex;
-    static SEEN: Mutex<Vec<(c_int, usize, usize, usize, usize)>> = Mutex::new(Vec::new());
+    /// (device, requested, total, free, user) of each call.
+    type Call = (c_int, usize, usize, usize, usize);
+    static SEEN: Mutex<Vec<Call>> = Mutex::new(Vec::new());
     unsafe extern "C" fn observer(d: c_int, req: usize, total: usize, free: usize, u: *mut c_void) {
         SEEN.lock().unwrap().push((d, req, total, free, u as usize));
     }
