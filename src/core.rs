@@ -29,6 +29,7 @@ use crate::driver::Driver;
 use crate::epoch::{EpochGate, Section};
 use crate::error::{Error, OutOfMemory, Result};
 use crate::freed::FreedTable;
+use crate::history::{Action, History, OomObservers};
 use crate::lane::{DriverLane, Laned};
 use crate::types::{Device, DevicePtr, Stream, UsageStream};
 use crate::warn::{WarningCounts, Warnings};
@@ -132,6 +133,10 @@ pub struct StreamAlloc<D: Driver> {
     warnings: Warnings,
     /// The front cache, when on (`None`: every malloc and free reaches the driver).
     cache: Option<FrontCache>,
+    /// Allocation history (`src/history.rs`): off unless `record_history` turns it on.
+    pub(crate) history: History,
+    /// Out-of-memory observers (`src/history.rs`).
+    pub(crate) oom_observers: OomObservers,
 }
 
 impl<D: Driver> StreamAlloc<D> {
@@ -179,6 +184,8 @@ impl<D: Driver> StreamAlloc<D> {
             orphans: SegQueue::new(),
             warnings: Warnings::default(),
             cache: cache.enabled.then(|| FrontCache::new(cache, device_count)),
+            history: History::default(),
+            oom_observers: OomObservers::default(),
         }
     }
 
@@ -205,7 +212,7 @@ impl<D: Driver> StreamAlloc<D> {
     /// is in the allocator's map all the same (the pointer API sees it: `base_allocation`,
     /// `record_stream`, `snapshot`), but only the handle may free it.
     pub fn allocate(&self, device: Device, size: usize, stream: Stream) -> Result<Block<'_, D>> {
-        let rec = self.acquire(device, size as u64, stream, true)?;
+        let rec = self.acquire_noted(device, size as u64, stream, true)?;
         Ok(Block { alloc: self, rec, size, device, stream })
     }
 
@@ -263,6 +270,47 @@ impl<D: Driver> StreamAlloc<D> {
             })),
             Err(e) => Error::Driver(e),
         }
+    }
+
+    /// `acquire` with its history hooks (alloc, or the observers on out-of-memory).
+    #[inline]
+    fn acquire_noted(
+        &self,
+        device: Device,
+        size: u64,
+        stream: Stream,
+        handle: bool,
+    ) -> Result<Option<Arc<Record>>> {
+        let rec = self.noted_oom(stream, self.acquire(device, size, stream, handle))?;
+        if let Some(r) = &rec {
+            self.history.note(Action::Alloc, device, r.ptr, size, stream);
+        }
+        Ok(rec)
+    }
+
+    /// The history hook of a free: `FreeRequested`, and `FreeCompleted` when the free
+    /// was issued (not deferred by a capture).
+    #[inline(always)]
+    fn history_free(&self, rec: &Record, size: u64, completed: bool) {
+        if self.history.on() {
+            let (d, s) = (rec.device(), rec.creation_stream);
+            self.history.note(Action::FreeRequested, d, rec.ptr, size, s);
+            if completed {
+                self.history.note(Action::FreeCompleted, d, rec.ptr, size, s);
+            }
+        }
+    }
+
+    /// HOOK for snapshots: every block idle in the front cache now (memory snapshots
+    /// list them as inactive blocks).
+    pub fn cached_blocks(&self) -> Vec<crate::history::CachedBlock> {
+        (0..self.shards.len())
+            .flat_map(|device| {
+                self.idle_blocks(device).into_iter().map(move |(ptr, size, stream)| {
+                    crate::history::CachedBlock { ptr, size, device, stream }
+                })
+            })
+            .collect()
     }
 
     /// malloc for both APIs (S3): size checks, then the cache tier, else the driver tier.
@@ -371,6 +419,7 @@ impl<D: Driver> StreamAlloc<D> {
                 return Err(if e.is_oom() { self.oom(device, size) } else { e.into() });
             }
         };
+        self.history.note(Action::SegmentAlloc, device, ptr.as_raw(), alloc_size, stream);
         let rec = Arc::new(Record::new(ptr, device, size, alloc_size, stream, captured));
         rec.set_handle(handle);
         if let Some(stale) = self.blocks.insert(ptr.as_raw(), rec.clone()) {
@@ -401,6 +450,7 @@ impl<D: Driver> StreamAlloc<D> {
                 return Err(self.unknown_or_double_free(rec.dptr()));
             }
             let device = rec.device();
+            self.history_free(&rec, size, true);
             self.shards[device].budget.release(size);
             let note = |r: &Record| {
                 let (ptr, bytes) = (r.dptr(), r.alloc_size as usize);
@@ -425,6 +475,7 @@ impl<D: Driver> StreamAlloc<D> {
             if !rec.transition(LIVE, DEFERRED) {
                 return Err(self.unknown_or_double_free(ptr));
             }
+            self.history_free(&rec, rec.size(), false);
             self.warnings.uncaptured_free_during_capture(ptr);
             self.deferred.push(ptr.as_raw());
             return Ok(());
@@ -439,8 +490,11 @@ impl<D: Driver> StreamAlloc<D> {
                 }
                 self.free_impl(&rec, &section)
             });
-        if result.is_err() {
-            rec.transition(GONE, LIVE);
+        match &result {
+            Ok(()) => self.history_free(&rec, rec.size(), true),
+            Err(_) => {
+                rec.transition(GONE, LIVE);
+            }
         }
         result
     }
@@ -487,6 +541,7 @@ impl<D: Driver> StreamAlloc<D> {
         }
         self.shards[device].budget.release(rec.size());
         self.freed.freed(key);
+        self.history.note(Action::SegmentFree, device, key, rec.alloc_size, creation.stream);
         Ok(())
     }
 
@@ -533,6 +588,8 @@ impl<D: Driver> StreamAlloc<D> {
             return Err(e.into());
         }
         self.freed.freed(rec.ptr);
+        let (d, s) = (rec.device(), rec.creation_stream);
+        self.history.note(Action::SegmentFree, d, rec.ptr, rec.alloc_size, s);
         Ok(())
     }
 
@@ -616,6 +673,8 @@ impl<D: Driver> StreamAlloc<D> {
                 self.deferred.push(ptr);
                 return Err(e);
             }
+            let (d, s) = (rec.device(), rec.creation_stream);
+            self.history.note(Action::FreeCompleted, d, ptr, rec.size(), s);
         }
         Ok(())
     }
@@ -671,7 +730,8 @@ impl<D: Driver> StreamOrderedAllocator for StreamAlloc<D> {
     }
 
     fn malloc(&self, device: Device, size: usize, stream: Stream) -> Result<DevicePtr> {
-        Ok(self.acquire(device, size as u64, stream, false)?.map_or(DevicePtr::NULL, |r| r.dptr()))
+        let rec = self.acquire_noted(device, size as u64, stream, false)?;
+        Ok(rec.map_or(DevicePtr::NULL, |r| r.dptr()))
     }
 
     fn free(&self, ptr: DevicePtr) -> Result<()> {

@@ -7,6 +7,7 @@ pub mod cuda;
 pub mod driver;
 pub mod error;
 pub mod fuzzing;
+pub mod history;
 pub mod sim;
 pub mod types;
 
@@ -33,5 +34,6 @@ mod warn;
 
 pub use crate::cache::CacheConfig;
 pub use crate::core::{Block, PtrHasher, StreamAlloc};
+pub use history::{Action, HistoryEntry, HistoryOptions, OomObserver};
 pub use replica::SeedReplica;
 pub use warn::WarningCounts;

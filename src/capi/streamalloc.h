@@ -114,6 +114,58 @@ const char* streamalloc_backend(void);
  * device's legacy default stream); 0 on error. */
 size_t streamalloc_cache_info(int device);
 
+/* ---- history, OOM observers, snapshots (src/capi/history.rs) ---- */
+
+/* One recorded event. action is PyTorch's TraceEntry::Action number: 0 alloc,
+ * 1 free_requested, 2 free_completed, 3 segment_alloc, 4 segment_free, 8 oom (for an
+ * oom, addr is the device's free bytes and size the request). */
+typedef struct streamalloc_history_entry {
+  uint32_t action;
+  int32_t device;
+  uint64_t addr;
+  uint64_t size;
+  uint64_t stream;  /* cudaStream_t */
+  uint64_t time_ns; /* since the Unix epoch */
+  uint64_t context; /* the recording thread's context id (0: none) */
+} streamalloc_history_entry;
+
+/* One block the allocator holds (a driver allocation: a segment with one block in
+ * PyTorch's snapshot format). */
+typedef struct streamalloc_block {
+  uint64_t ptr;
+  uint64_t requested; /* bytes asked for (0 for a cached block) */
+  uint64_t size;      /* bytes the driver allocated */
+  uint64_t stream;    /* creation stream (cached: the stream it is kept for) */
+  int32_t device;
+  int32_t state;      /* 0 live, 1 free deferred until the capture ends, 2 cached */
+  int32_t captured;   /* 1: allocated during a capture */
+  int32_t reserved;
+} streamalloc_block;
+
+/* Starts (enabled != 0) or stops recording history into a ring of max_entries (clamped
+ * to 1..4Mi; pages allocated as it fills). clear drops the entries so far; stopping
+ * drops them too. skip_mask: bit (1 << action) set for each action not recorded.
+ * Off, the cost is one relaxed load per malloc/free. Returns the status code. */
+int streamalloc_record_history(int enabled, size_t max_entries, int clear, uint32_t skip_mask);
+/* 1 while history is recorded, else 0. */
+int streamalloc_history_enabled(void);
+/* The context id the calling thread's next entries carry (0: none). */
+void streamalloc_history_set_context(uint64_t context);
+/* Copies up to cap entries, oldest first, into out; returns how many there are (more
+ * than cap: call again with a larger buffer). out may be NULL when cap is 0. */
+size_t streamalloc_history(streamalloc_history_entry* out, size_t cap);
+/* Copies up to cap blocks (live, deferred, cached; by device and address) into out;
+ * returns how many there are. out may be NULL when cap is 0. Live blocks served to the
+ * Rust handle API from the cache are not listed (never the case through this ABI). */
+size_t streamalloc_snapshot_blocks(streamalloc_block* out, size_t cap);
+/* Called on the allocating thread when an allocation fails for lack of memory, before
+ * it returns NULL, with no allocator lock held: (device, requested bytes, total bytes
+ * (the limit when a memory fraction is set), free bytes, user). Must not unwind. */
+typedef void (*streamalloc_oom_observer)(int device, size_t requested, size_t total,
+                                         size_t free_bytes, void* user);
+/* Adds an observer (user is passed back unchanged, on any thread). Code 2 for NULL. */
+int streamalloc_attach_oom_observer(streamalloc_oom_observer observer, void* user);
+
 #ifdef __cplusplus
 }
 #endif

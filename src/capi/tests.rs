@@ -207,3 +207,66 @@ fn init_before_first_use_is_accepted() {
     streamalloc_init(-1);
     assert_eq!(streamalloc_last_error_code(), ErrorCode::InvalidArgument as c_int);
 }
+
+// ----- history, OOM observers, snapshots (src/capi/history.rs) -----
+
+#[test]
+fn history_and_snapshot_through_the_c_abi() {
+    use super::history::*;
+    let sim = setup();
+    // A stream of our own: other tests run in parallel on the same global allocator.
+    let s = sim.new_stream(1).unwrap().as_raw() as CudaStream;
+    assert_eq!(streamalloc_record_history(1, 1 << 16, 0, 0), 0, "{:?}", last_error());
+    assert_eq!(streamalloc_history_enabled(), 1);
+    streamalloc_history_set_context(42);
+    let p = streamalloc_alloc(12345, 1, s);
+    streamalloc_history_set_context(0);
+    assert!(!p.is_null(), "{:?}", last_error());
+    // Safety: cap 0 with a NULL buffer only counts.
+    let n = unsafe { streamalloc_snapshot_blocks(std::ptr::null_mut(), 0) };
+    let mut blocks = vec![StreamallocBlock::default(); n + 64];
+    // Safety: blocks holds blocks.len() entries.
+    let n = unsafe { streamalloc_snapshot_blocks(blocks.as_mut_ptr(), blocks.len()) };
+    let mine = blocks[..n.min(blocks.len())].iter().find(|b| b.ptr == p as u64).copied();
+    let mine = mine.expect("the live block is listed");
+    assert_eq!((mine.requested, mine.device, mine.state, mine.stream), (12345, 1, 0, s as u64));
+    streamalloc_free(p, 12345, 1, s);
+    let mut entries = vec![StreamallocHistoryEntry::default(); 1 << 16];
+    // Safety: entries holds entries.len() entries.
+    let n = unsafe { streamalloc_history(entries.as_mut_ptr(), entries.len()) };
+    let mine: Vec<_> =
+        entries[..n.min(entries.len())].iter().filter(|e| e.stream == s as u64).copied().collect();
+    let actions: Vec<u32> =
+        mine.iter().filter(|e| e.addr == p as u64 && e.action <= 2).map(|e| e.action).collect();
+    assert_eq!(actions, vec![0, 1, 2], "alloc, free_requested, free_completed");
+    let alloc_entry = mine.iter().find(|e| e.action == 0).unwrap();
+    assert_eq!((alloc_entry.size, alloc_entry.device, alloc_entry.context), (12345, 1, 42));
+    // Safety: a NULL buffer with cap > 0 is refused, not written.
+    assert_eq!(unsafe { streamalloc_history(std::ptr::null_mut(), 4) }, 0);
+    assert_eq!(streamalloc_last_error_code(), ErrorCode::InvalidArgument as c_int);
+}
+
+#[test]
+fn oom_observer_through_the_c_abi() {
+    use super::history::*;
+    use std::sync::Mutex;
+    /// (device, requested, total, free, user) of each call.
+    type Call = (c_int, usize, usize, usize, usize);
+    static SEEN: Mutex<Vec<Call>> = Mutex::new(Vec::new());
+    unsafe extern "C" fn observer(d: c_int, req: usize, total: usize, free: usize, u: *mut c_void) {
+        SEEN.lock().unwrap().push((d, req, total, free, u as usize));
+    }
+    setup();
+    assert_eq!(streamalloc_attach_oom_observer(None, std::ptr::null_mut()), 2);
+    let r = streamalloc_attach_oom_observer(Some(observer), 0x5eed as *mut c_void);
+    assert_eq!(r, 0, "{:?}", last_error());
+    // A request no 1 GiB device can serve, of a size no other test uses.
+    let want = 3 * GIB as usize + 4321;
+    let p = streamalloc_alloc(want, 0, std::ptr::null_mut());
+    assert!(p.is_null());
+    assert_eq!(streamalloc_last_error_code(), ErrorCode::OutOfMemory as c_int);
+    let seen = SEEN.lock().unwrap().clone();
+    let hit = seen.iter().find(|o| o.1 == want).expect("the observer saw this OOM");
+    assert_eq!((hit.0, hit.4), (0, 0x5eed));
+    assert!(hit.2 as u64 <= GIB && hit.3 as u64 <= GIB, "total and free of the device: {hit:?}");
+}

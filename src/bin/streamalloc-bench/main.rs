@@ -61,6 +61,8 @@ const VARIANTS: &[Variant] = &[
     Variant { name: "streamalloc_delegate_always", on: On::Device },
     Variant { name: "streamalloc_cached", on: On::Device },
     Variant { name: "streamalloc_cached_ptr", on: On::Device },
+    Variant { name: "streamalloc_cached_history", on: On::Device },
+    Variant { name: "streamalloc_cached_ptr_history", on: On::Device },
     Variant { name: "seed_replica_null", on: On::Null },
     Variant { name: "streamalloc_null", on: On::Null },
     Variant { name: "streamalloc_cached_null", on: On::Null },
@@ -122,6 +124,17 @@ fn measure<D: BenchDevice>(
         "streamalloc_cached_ptr" => {
             let a = StreamAlloc::new(dev.clone()).map_err(err)?;
             go(&PtrApi(&a), dev, streams, threads, iters)
+        }
+        // History on (a ring of 100k entries, as memory_viz users set it): what recording
+        // costs. The rows without `_history` are the same allocators with it off.
+        "streamalloc_cached_history" | "streamalloc_cached_ptr_history" => {
+            let a = StreamAlloc::new(dev.clone()).map_err(err)?;
+            a.record_history(&streamalloc::HistoryOptions::default());
+            if name == "streamalloc_cached_history" {
+                go(&HandleApi(&a), dev, streams, threads, iters)
+            } else {
+                go(&PtrApi(&a), dev, streams, threads, iters)
+            }
         }
         other => Err(format!("variant {other} has no measurement")),
     }
