@@ -2,7 +2,9 @@
 //! mutex [`crate::SeedReplica`]), so tests, benches and fuzz targets can drive either and
 //! compare them. Each method names the seed behaviour (S-number) it implements.
 
-use crate::error::Result;
+use crate::error::{
+    CUDA_ERROR_INVALID_CONTEXT, CUDA_ERROR_INVALID_DEVICE, CUDA_ERROR_INVALID_HANDLE, Error, Result,
+};
 use crate::types::{Device, DevicePtr, Stream, UsageStream};
 
 /// Device statistics (S11): from the default pool's attributes, plus this allocator's
@@ -61,7 +63,11 @@ pub trait StreamOrderedAllocator: Send + Sync {
     /// S4/S5: frees a pointer from [`Self::malloc`] (null is a no-op).
     fn free(&self, ptr: DevicePtr) -> Result<()>;
 
-    /// S6: records that `ptr` is used on `stream` (null pointer: no-op).
+    /// S6: records that `ptr` is used on `stream` (null pointer: no-op). A stream the
+    /// driver does not know, or one of another device than `stream.device`, is refused
+    /// with [`Error::InvalidStream`] (a device that does not exist with
+    /// [`Error::InvalidDevice`]) and nothing is recorded: a block recorded on an unusable
+    /// stream could never be freed.
     fn record_stream(&self, ptr: DevicePtr, stream: UsageStream) -> Result<()>;
 
     /// S7: limits this allocator's bytes on `device` to `fraction` of the device total.
@@ -152,6 +158,32 @@ pub(crate) fn reset_pool_peaks<D: crate::Driver>(driver: &D, device: Device) -> 
     driver.set_pool_attribute(device, crate::PoolAttribute::ReservedMemHigh, 0)?;
     driver.set_pool_attribute(device, crate::PoolAttribute::UsedMemHigh, 0)?;
     Ok(())
+}
+
+/// Refuses a stream that cannot be used with its device, before an allocator keeps it
+/// (record_stream): a device outside `0..device_count` is [`Error::InvalidDevice`], a
+/// stream the driver does not know, or one of another device, is
+/// [`Error::InvalidStream`]. Any other driver failure is [`Error::Driver`].
+pub(crate) fn check_stream<D: crate::Driver>(
+    driver: &D,
+    device_count: usize,
+    stream: UsageStream,
+) -> Result<()> {
+    if stream.device >= device_count {
+        return Err(Error::InvalidDevice { device: stream.device as i64, device_count });
+    }
+    match driver.check_stream(stream) {
+        Ok(()) => Ok(()),
+        Err(cause)
+            if matches!(
+                cause.code,
+                CUDA_ERROR_INVALID_HANDLE | CUDA_ERROR_INVALID_DEVICE | CUDA_ERROR_INVALID_CONTEXT
+            ) =>
+        {
+            Err(Error::InvalidStream { stream: stream.stream, device: stream.device, cause })
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// S19: a device-to-device copy when on one device or p2p is enabled, else a peer copy.

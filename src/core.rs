@@ -941,6 +941,7 @@ impl<D: Driver> StreamOrderedAllocator for StreamAlloc<D> {
         if ptr.is_null() {
             return Ok(());
         }
+        crate::api::check_stream(&self.driver, self.shards.len(), stream)?;
         let Some(mut b) = self.blocks.get_mut(&ptr.as_raw()) else {
             return Err(self.unknown_or_double_free(ptr));
         };

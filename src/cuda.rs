@@ -43,6 +43,10 @@ use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
+/// `CU_STREAM_PER_THREAD`: with the null stream (0) and `CU_STREAM_LEGACY` (1), the
+/// handles that name a stream of whichever device's context is bound.
+const CU_STREAM_PER_THREAD: usize = 2;
+
 /// Events kept per device for reuse by [`Driver::record_event`] when none is given,
 /// see [`CudaDriver::with_event_cache`].
 pub const DEFAULT_EVENT_CACHE: usize = 256;
@@ -77,6 +81,9 @@ const REQUIRED_SYMBOLS: &[&str] = &[
     "cuMemcpyDtoHAsync_v2",
     "cuMemcpyHtoDAsync_v2",
     "cuStreamCreate",
+    "cuStreamGetCtx",
+    "cuCtxPushCurrent_v2",
+    "cuCtxPopCurrent_v2",
     "cuStreamDestroy_v2",
     "cuStreamSynchronize",
     "cuStreamWaitEvent",
@@ -240,6 +247,21 @@ pub fn error_name(result: CUresult) -> String {
 #[inline(never)]
 pub fn cu_error(op: &'static str, result: CUresult) -> DriverError {
     DriverError::new(op, result as i32, error_name(result))
+}
+
+/// The `CUstream` for a [`Stream`], refusing a [simulated](Stream::simulated) handle
+/// (`CUDA_ERROR_INVALID_HANDLE`), which safe code can make from any number: only handles
+/// from the driver or from `unsafe` [`Stream::from_raw`] reach it.
+#[inline]
+fn cu_stream(op: &'static str, stream: Stream) -> DriverResult<CUstream> {
+    if stream.is_simulated() {
+        return Err(DriverError::new(
+            op,
+            CUresult::CUDA_ERROR_INVALID_HANDLE as i32,
+            "CUDA_ERROR_INVALID_HANDLE: a simulated stream handle given to the CUDA backend",
+        ));
+    }
+    Ok(stream.as_raw() as CUstream)
 }
 
 /// `Ok` for `CUDA_SUCCESS`, else the call's [`DriverError`].
@@ -512,12 +534,12 @@ impl CudaDriver {
         count: usize,
         stream: Stream,
     ) -> DriverResult<()> {
+        let s = cu_stream("cuMemsetD8Async", stream)?;
         let _g = self.bind(device)?;
         // Safety: context bound; the driver validates `ptr`/`count` against its
-        // allocations and reports a bad range as an error; `stream` is the caller's.
-        check("cuMemsetD8Async", unsafe {
-            sys::cuMemsetD8Async(ptr.as_raw(), value, count, stream.as_raw() as CUstream)
-        })
+        // allocations and reports a bad range as an error; `s` is a live stream
+        // (`Stream`'s contract).
+        check("cuMemsetD8Async", unsafe { sys::cuMemsetD8Async(ptr.as_raw(), value, count, s) })
     }
 
     /// Copies `dst.len()` bytes from device memory `src` to `dst`, ordered on `stream`
@@ -530,8 +552,8 @@ impl CudaDriver {
         dst: &mut [u8],
         stream: Stream,
     ) -> DriverResult<()> {
+        let s = cu_stream("cuMemcpyDtoHAsync", stream)?;
         let _g = self.bind(device)?;
-        let s = stream.as_raw() as CUstream;
         // Safety: context bound; `dst` is a live, exclusively borrowed host buffer of
         // `dst.len()` bytes, and the stream is synchronized below before the borrow
         // ends, so the driver never writes to it afterwards. If the copy fails to
@@ -552,8 +574,8 @@ impl CudaDriver {
         dst: DevicePtr,
         stream: Stream,
     ) -> DriverResult<()> {
+        let s = cu_stream("cuMemcpyHtoDAsync", stream)?;
         let _g = self.bind(device)?;
-        let s = stream.as_raw() as CUstream;
         // Safety: context bound; `src` is a live host buffer of `src.len()` bytes that
         // stays borrowed until the stream is synchronized below.
         check("cuMemcpyHtoDAsync", unsafe {
@@ -565,11 +587,10 @@ impl CudaDriver {
 
     /// Waits for all work on `stream` (`cuStreamSynchronize`).
     pub fn stream_synchronize(&self, stream: UsageStream) -> DriverResult<()> {
+        let s = cu_stream("cuStreamSynchronize", stream.stream)?;
         let _g = self.bind(stream.device)?;
-        // Safety: context of the stream's device bound; the handle is the caller's.
-        check("cuStreamSynchronize", unsafe {
-            sys::cuStreamSynchronize(stream.stream.as_raw() as CUstream)
-        })
+        // Safety: context of the stream's device bound; `s` is a live stream.
+        check("cuStreamSynchronize", unsafe { sys::cuStreamSynchronize(s) })
     }
 
     /// Destroys a stream made by [`Driver::create_stream`] (`cuStreamDestroy`). Work
@@ -588,22 +609,21 @@ impl CudaDriver {
     /// Begins capturing `stream` into a graph (`cuStreamBeginCapture_v2`). Capture needs
     /// a non-null stream.
     pub fn begin_capture(&self, stream: UsageStream, mode: CaptureMode) -> DriverResult<()> {
+        let s = cu_stream("cuStreamBeginCapture", stream.stream)?;
         let _g = self.bind(stream.device)?;
-        // Safety: context bound; stream handle is the caller's; mode is a valid enum.
-        check("cuStreamBeginCapture", unsafe {
-            sys::cuStreamBeginCapture_v2(stream.stream.as_raw() as CUstream, mode.raw())
-        })
+        // Safety: context bound; `s` is a live stream; mode is a valid enum.
+        check("cuStreamBeginCapture", unsafe { sys::cuStreamBeginCapture_v2(s, mode.raw()) })
     }
 
     /// Ends the capture of `stream` (`cuStreamEndCapture`) and instantiates the graph
     /// (`cuGraphInstantiateWithFlags`, flags 0).
     pub fn end_capture(&self, stream: UsageStream) -> DriverResult<CudaGraph> {
+        let s = cu_stream("cuStreamEndCapture", stream.stream)?;
         let _g = self.bind(stream.device)?;
         let mut graph: sys::CUgraph = std::ptr::null_mut();
-        // Safety: context bound; valid out-pointer. On failure no graph is returned.
-        check("cuStreamEndCapture", unsafe {
-            sys::cuStreamEndCapture(stream.stream.as_raw() as CUstream, &mut graph)
-        })?;
+        // Safety: context bound; `s` is a live stream; valid out-pointer. On failure no
+        // graph is returned.
+        check("cuStreamEndCapture", unsafe { sys::cuStreamEndCapture(s, &mut graph) })?;
         let mut exec: sys::CUgraphExec = std::ptr::null_mut();
         // Safety: `graph` is the valid graph just returned; valid out-pointer.
         let r = unsafe { sys::cuGraphInstantiateWithFlags(&mut exec, graph, 0) };
@@ -760,7 +780,51 @@ impl Driver for CudaDriver {
         check("cuStreamCreate", unsafe {
             sys::cuStreamCreate(&mut stream, sys::CUstream_flags::CU_STREAM_NON_BLOCKING as u32)
         })?;
-        Ok(Stream::from_raw(stream as usize))
+        // Safety: a live stream just made by the driver (the caller owns it).
+        Ok(unsafe { Stream::from_raw(stream as usize) })
+    }
+
+    /// The null stream, `CU_STREAM_LEGACY` and `CU_STREAM_PER_THREAD` are valid on every
+    /// device (they mean that device's own stream once its context is bound). Another
+    /// handle's context comes from `cuStreamGetCtx`; the device's primary context is the
+    /// common answer, and any other context is asked for its device
+    /// (`cuCtxGetDevice`, pushed and popped). The driver cannot tell a handle that never
+    /// existed from a live one: that is the contract of `Stream::from_raw`.
+    fn check_stream(&self, stream: UsageStream) -> DriverResult<()> {
+        const OP: &str = "cuStreamGetCtx";
+        let slot = self.slot(stream.device, OP)?;
+        let raw = cu_stream(OP, stream.stream)? as usize;
+        if raw <= CU_STREAM_PER_THREAD {
+            return Ok(());
+        }
+        let _g = self.bind(stream.device)?;
+        let primary = *slot.ctx.get().expect("bound above, so retained");
+        let mut ctx: CUcontext = std::ptr::null_mut();
+        // Safety: context bound; `raw` is a live stream handle (the contract of
+        // `Stream::from_raw`); valid out-pointer.
+        check(OP, unsafe { sys::cuStreamGetCtx(raw as CUstream, &mut ctx) })?;
+        if ctx as usize == primary {
+            return Ok(());
+        }
+        // Safety: `ctx` is the live context of a live stream; pushed here and popped
+        // right below, so the thread's context stack is as it was.
+        check("cuCtxPushCurrent", unsafe { sys::cuCtxPushCurrent_v2(ctx) })?;
+        let mut dev: CUdevice = 0;
+        // Safety: a context is current (pushed above); valid out-pointer.
+        let got = check("cuCtxGetDevice", unsafe { sys::cuCtxGetDevice(&mut dev) });
+        let mut popped: CUcontext = std::ptr::null_mut();
+        // Safety: pops the context pushed above; valid out-pointer.
+        let pop = check("cuCtxPopCurrent", unsafe { sys::cuCtxPopCurrent_v2(&mut popped) });
+        got.and(pop)?;
+        if dev == slot.cu_device {
+            Ok(())
+        } else {
+            Err(DriverError::new(
+                OP,
+                CUresult::CUDA_ERROR_INVALID_HANDLE as i32,
+                "CUDA_ERROR_INVALID_HANDLE: the stream belongs to another device",
+            ))
+        }
     }
 
     /// The driver API has no per-thread "last error" to clear: every call returns its own
@@ -784,13 +848,13 @@ impl Driver for CudaDriver {
 
     #[inline]
     fn malloc_async(&self, device: Device, size: usize, stream: Stream) -> DriverResult<DevicePtr> {
+        let s = cu_stream("cuMemAllocAsync", stream)?;
         let _g = self.bind(device)?;
         let mut ptr: sys::CUdeviceptr = 0;
         // Safety: context bound (the null stream means this device's legacy stream);
-        // valid out-pointer; the allocation comes from the device's default pool.
-        check("cuMemAllocAsync", unsafe {
-            sys::cuMemAllocAsync(&mut ptr, size, stream.as_raw() as CUstream)
-        })?;
+        // `s` is a live stream; valid out-pointer; the allocation comes from the
+        // device's default pool.
+        check("cuMemAllocAsync", unsafe { sys::cuMemAllocAsync(&mut ptr, size, s) })?;
         Ok(DevicePtr::from_raw(ptr))
     }
 
@@ -802,12 +866,12 @@ impl Driver for CudaDriver {
         _size: usize,
         stream: Stream,
     ) -> DriverResult<()> {
+        let s = cu_stream("cuMemFreeAsync", stream)?;
         let _g = self.bind(device)?;
         // Safety: the block's device context is bound (cuMemFreeAsync resolves the null
-        // stream through it); the driver rejects a pointer it did not allocate.
-        check("cuMemFreeAsync", unsafe {
-            sys::cuMemFreeAsync(ptr.as_raw(), stream.as_raw() as CUstream)
-        })
+        // stream through it); `s` is a live stream; the driver rejects a pointer it did
+        // not allocate.
+        check("cuMemFreeAsync", unsafe { sys::cuMemFreeAsync(ptr.as_raw(), s) })
     }
 
     fn mem_get_info(&self, device: Device) -> DriverResult<MemInfo> {
@@ -881,9 +945,9 @@ impl Driver for CudaDriver {
     }
 
     fn record_event(&self, stream: UsageStream) -> DriverResult<Event> {
+        let s = cu_stream("cuEventRecord", stream.stream)?;
         let _g = self.bind(stream.device)?;
         let slot = self.slot(stream.device, "cuEventRecord")?;
-        let s = stream.stream.as_raw() as CUstream;
         let from_cache = !slot.events.is_empty();
         let ev = self.take_event(slot)?;
         // Safety: context of the stream's device bound; `ev` was made in that context
@@ -946,12 +1010,12 @@ impl Driver for CudaDriver {
     /// stream while another blocking stream of the device captures fails with
     /// `CUDA_ERROR_STREAM_CAPTURE_IMPLICIT`, which is returned as an error.
     fn capture_status(&self, stream: UsageStream) -> DriverResult<CaptureStatus> {
+        let s = cu_stream("cuStreamIsCapturing", stream.stream)?;
         let _g = self.bind(stream.device)?;
         let mut status = CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE;
-        // Safety: context bound (for the null stream); valid out-pointer.
-        check("cuStreamIsCapturing", unsafe {
-            sys::cuStreamIsCapturing(stream.stream.as_raw() as CUstream, &mut status)
-        })?;
+        // Safety: context bound (for the null stream); `s` is a live stream; valid
+        // out-pointer.
+        check("cuStreamIsCapturing", unsafe { sys::cuStreamIsCapturing(s, &mut status) })?;
         Ok(capture_status_from_raw(status))
     }
 
@@ -994,7 +1058,7 @@ impl Driver for CudaDriver {
         stream: UsageStream,
         peer: bool,
     ) -> DriverResult<()> {
-        let s = stream.stream.as_raw() as CUstream;
+        let s = cu_stream(if peer { "cuMemcpyPeerAsync" } else { "cuMemcpyAsync" }, stream.stream)?;
         if peer {
             let dst_ctx = self.primary_context(dst_device)?;
             let src_ctx = self.primary_context(src_device)?;

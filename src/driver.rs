@@ -30,6 +30,13 @@ pub trait Driver: Send + Sync + 'static {
     /// Creates a non-blocking stream on `device` (the unifying free stream).
     fn create_stream(&self, device: Device) -> DriverResult<Stream>;
 
+    /// Whether `stream.stream` is a stream of `stream.device`: `Ok` for a live stream of
+    /// that device (the null stream is every device's own), else an error:
+    /// `CUDA_ERROR_INVALID_DEVICE` for a device that does not exist,
+    /// `CUDA_ERROR_INVALID_HANDLE` for a stream that does not exist (where the driver
+    /// can tell) or one of another device. No work is enqueued and no state changes.
+    fn check_stream(&self, stream: UsageStream) -> DriverResult<()>;
+
     /// S23: reports (and clears) an error left by earlier asynchronous work on this
     /// thread/device, the way `cudaGetLastError` does.
     fn check_last_error(&self, device: Device) -> DriverResult<()>;
@@ -148,6 +155,9 @@ impl<T: Driver + ?Sized> Driver for std::sync::Arc<T> {
     }
     fn create_stream(&self, device: Device) -> DriverResult<Stream> {
         (**self).create_stream(device)
+    }
+    fn check_stream(&self, stream: UsageStream) -> DriverResult<()> {
+        (**self).check_stream(stream)
     }
     #[inline]
     fn check_last_error(&self, device: Device) -> DriverResult<()> {

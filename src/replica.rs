@@ -277,6 +277,7 @@ impl<D: Driver> StreamOrderedAllocator for SeedReplica<D> {
         if ptr.is_null() {
             return Ok(());
         }
+        crate::api::check_stream(&self.driver, self.device_count, stream)?;
         let mut st = self.lock();
         let Some(info) = st.ptr_info.get_mut(&ptr.as_raw()) else {
             return Err(self.unknown_or_double_free(&st, ptr));

@@ -245,10 +245,10 @@ impl State {
     }
 
     fn new_handle(&mut self, device: Device) -> Stream {
-        let handle = self.next_handle;
+        let handle = Stream::simulated(self.next_handle).as_raw();
         self.next_handle += STREAM_STEP;
         self.add_stream(handle, device);
-        Stream::from_raw(handle)
+        Stream::simulated(handle)
     }
 
     /// Resolves a stream used with `us.device` (the null stream is per device).
@@ -481,6 +481,30 @@ impl State {
     pub(crate) fn create_stream(&mut self, d: Device) -> DriverResult<Stream> {
         self.enter(SimOp::CreateStream, Some(d))?;
         Ok(self.new_handle(d))
+    }
+
+    pub(crate) fn check_stream(&self, us: UsageStream) -> DriverResult<()> {
+        let name = "cuStreamGetDevice";
+        self.check_device_named(name, us.device)?;
+        if us.stream.is_null() {
+            return Ok(());
+        }
+        match self.handles.get(&us.stream.as_raw()) {
+            Some(&sid) if self.streams[sid].device == us.device => Ok(()),
+            _ => Err(named_err(name, CUDA_ERROR_INVALID_HANDLE)),
+        }
+    }
+
+    pub(crate) fn destroy_stream(&mut self, us: UsageStream) -> DriverResult<()> {
+        let name = "cuStreamDestroy";
+        self.check_device_named(name, us.device)?;
+        match self.handles.get(&us.stream.as_raw()) {
+            Some(&sid) if !us.stream.is_null() && self.streams[sid].device == us.device => {
+                self.handles.remove(&us.stream.as_raw());
+                Ok(())
+            }
+            _ => Err(named_err(name, CUDA_ERROR_INVALID_HANDLE)),
+        }
     }
 
     pub(crate) fn check_last_error(&mut self, d: Device) -> DriverResult<()> {

@@ -42,7 +42,7 @@ fn name_count_and_bad_devices() {
 #[test]
 fn unknown_stream_and_event_are_invalid_handles() {
     let s = sim();
-    let bogus = Stream::from_raw(0xdead);
+    let bogus = Stream::simulated(0xdead);
     let e = s.malloc_async(0, 8, bogus).unwrap_err();
     assert_eq!(
         (e.code, e.name.as_str(), e.op),
