@@ -1,6 +1,12 @@
 //! The operations both allocators offer (the lock-free [`crate::StreamAlloc`] and the
 //! mutex [`crate::SeedReplica`]), so tests, benches and fuzz targets can drive either and
 //! compare them. Each method names the seed behaviour (S-number) it implements.
+//!
+//! **Bad input is refused at the door.** Every operation that names a device refuses one
+//! outside `0..device_count` with [`Error::InvalidDevice`], and `record_stream` refuses a
+//! stream that is not a stream of the device it is named with ([`Error::InvalidStream`]),
+//! before any state changes: nothing the allocator keeps can fail later because of an
+//! argument it accepted.
 
 use crate::error::{
     CUDA_ERROR_INVALID_CONTEXT, CUDA_ERROR_INVALID_DEVICE, CUDA_ERROR_INVALID_HANDLE, Error, Result,
@@ -92,6 +98,11 @@ pub trait StreamOrderedAllocator: Send + Sync {
     fn reset_accumulated_stats(&self, device: Device) -> Result<()>;
 
     /// S14: a capture begins on `device` (one at a time in the process).
+    ///
+    /// As every operation that names a device, a device outside `0..device_count` is
+    /// refused with [`Error::InvalidDevice`] before anything changes (here: no capture
+    /// begins), in the core, the replica and the C ABI alike, although the seed ignores
+    /// this argument.
     fn begin_capture(&self, device: Device) -> Result<()>;
 
     /// S15: the capture on `device` is about to end: `capture_stream` waits on every

@@ -1062,7 +1062,8 @@ impl<D: Driver> StreamOrderedAllocator for StreamAlloc<D> {
         Ok(())
     }
 
-    fn begin_capture(&self, _device: Device) -> Result<()> {
+    fn begin_capture(&self, device: Device) -> Result<()> {
+        self.shard(device)?;
         self.epoch.transition(
             |underway| if underway { Err(Error::CaptureAlreadyUnderway) } else { Ok(()) },
             || self.capture.store(Some(Arc::new(Capture::default()))),

@@ -385,7 +385,8 @@ impl<D: Driver> StreamOrderedAllocator for SeedReplica<D> {
         Ok(())
     }
 
-    fn begin_capture(&self, _device: Device) -> Result<()> {
+    fn begin_capture(&self, device: Device) -> Result<()> {
+        self.assert_valid_device(device)?;
         let mut st = self.lock();
         // The seed asserts the set is empty before checking for a capture underway, so
         // a second begin during a capture that freed something trips the assert; here it

@@ -158,3 +158,40 @@ fn sim_check_stream_answers() {
     assert_eq!(code(UsageStream::new(a, 0)), CUDA_ERROR_INVALID_HANDLE);
     assert!(sim.reports().is_empty(), "a question is not a use: {:?}", sim.reports());
 }
+
+/// Issue 13, defect 8: `begin_capture(99)` was Ok in the core and the replica while
+/// `begin_capture_on` and the C ABI refused it. One rule: a device that does not exist
+/// is InvalidDevice, and no capture begins.
+#[test]
+fn begin_capture_refuses_a_device_that_does_not_exist() {
+    both(2, |s| {
+        for bad in [2, 99, usize::MAX] {
+            match s.alloc.begin_capture(bad) {
+                Err(Error::InvalidDevice { device, device_count: 2 }) => {
+                    assert_eq!(device, bad as i64, "{}", s.kind)
+                }
+                other => panic!("{}: begin_capture({bad}): {other:?}", s.kind),
+            }
+            assert!(!s.alloc.capture_underway(), "{}: no capture began", s.kind);
+        }
+        // A real device still captures, and end_capture refuses a bad device as well.
+        let st = s.stream(1);
+        s.alloc.begin_capture(1).unwrap();
+        assert!(matches!(s.alloc.end_capture(99, st.stream), Err(Error::InvalidDevice { .. })));
+        assert!(s.alloc.capture_underway(), "{}", s.kind);
+        s.alloc.end_capture(1, st.stream).unwrap();
+        s.assert_clean();
+    });
+}
+
+/// The core's `begin_capture_on` follows the same rule.
+#[test]
+fn begin_capture_on_refuses_a_device_that_does_not_exist() {
+    let sim = Arc::new(SimDriver::with_devices(1, CAPACITY));
+    let alloc = StreamAlloc::new(sim.clone()).unwrap();
+    assert!(matches!(
+        alloc.begin_capture_on(99, Stream::NULL),
+        Err(Error::InvalidDevice { device: 99, device_count: 1 })
+    ));
+    assert!(!alloc.capture_underway());
+}
