@@ -78,12 +78,13 @@ pub trait Driver: Send + Sync + 'static {
     fn record_event(&self, stream: UsageStream) -> DriverResult<Event>;
 
     /// Makes `stream` wait for `event` (which may come from another device).
-    fn stream_wait_event(&self, stream: UsageStream, event: Event) -> DriverResult<()>;
+    fn stream_wait_event(&self, stream: UsageStream, event: &Event) -> DriverResult<()>;
 
     /// Whether the work captured by `event` has completed (`cuEventQuery`).
-    fn event_query(&self, device: Device, event: Event) -> DriverResult<bool>;
+    fn event_query(&self, device: Device, event: &Event) -> DriverResult<bool>;
 
-    /// Releases an event (it may still be pending; the driver frees it when done).
+    /// Releases an event (it may still be pending; the driver frees it when done). The
+    /// event is consumed: it cannot be used afterwards.
     fn destroy_event(&self, device: Device, event: Event) -> DriverResult<()>;
 
     /// Whether `stream` is being captured.
@@ -135,7 +136,7 @@ pub trait Driver: Send + Sync + 'static {
     /// destroy: the seed's `sync_raw`). The event is made on the dependency's device.
     fn sync_streams(&self, dependency: UsageStream, dependent: UsageStream) -> DriverResult<()> {
         let event = self.record_event(dependency)?;
-        let waited = self.stream_wait_event(dependent, event);
+        let waited = self.stream_wait_event(dependent, &event);
         let destroyed = self.destroy_event(dependency.device, event);
         waited.and(destroyed)
     }
@@ -200,10 +201,10 @@ impl<T: Driver + ?Sized> Driver for std::sync::Arc<T> {
     fn record_event(&self, stream: UsageStream) -> DriverResult<Event> {
         (**self).record_event(stream)
     }
-    fn stream_wait_event(&self, stream: UsageStream, event: Event) -> DriverResult<()> {
+    fn stream_wait_event(&self, stream: UsageStream, event: &Event) -> DriverResult<()> {
         (**self).stream_wait_event(stream, event)
     }
-    fn event_query(&self, device: Device, event: Event) -> DriverResult<bool> {
+    fn event_query(&self, device: Device, event: &Event) -> DriverResult<bool> {
         (**self).event_query(device, event)
     }
     fn destroy_event(&self, device: Device, event: Event) -> DriverResult<()> {

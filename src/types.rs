@@ -115,20 +115,40 @@ impl fmt::Display for DevicePtr {
     }
 }
 
-/// A CUDA event handle (`CUevent`), carried as its address.
-#[repr(transparent)]
-#[derive(Copy, Clone, PartialEq, Eq, Hash, Debug)]
-pub struct Event(usize);
+/// A CUDA event handle (`CUevent`), carried as its address, owned by whoever holds it:
+/// not `Copy` or `Clone`, so an event given back to the driver
+/// ([`crate::Driver::destroy_event`], which takes it by value) cannot be used again.
+///
+/// It remembers which driver made it: the CUDA backend accepts only its own events
+/// (those it returned from `record_event`), so an event made by [`Event::from_raw`], or
+/// by another driver, never reaches the CUDA driver; making one from a number is
+/// therefore safe. The simulated and null drivers go by the number alone.
+#[derive(PartialEq, Eq, Hash, Debug)]
+pub struct Event {
+    raw: usize,
+    /// The id of the driver instance that made it (0: none, a foreign handle).
+    origin: u64,
+}
 
 impl Event {
-    /// Wraps a raw handle.
+    /// Wraps a raw handle as a foreign event (the CUDA backend refuses it).
     pub const fn from_raw(raw: usize) -> Self {
-        Event(raw)
+        Event { raw, origin: 0 }
+    }
+
+    /// An event made by the driver instance `origin` (non-zero).
+    pub(crate) const fn made_by(raw: usize, origin: u64) -> Self {
+        Event { raw, origin }
+    }
+
+    /// The id of the driver instance that made the event (0 for [`Event::from_raw`]).
+    pub(crate) const fn origin(&self) -> u64 {
+        self.origin
     }
 
     /// The raw handle.
-    pub const fn as_raw(self) -> usize {
-        self.0
+    pub const fn as_raw(&self) -> usize {
+        self.raw
     }
 }
 

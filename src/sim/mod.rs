@@ -510,7 +510,7 @@ impl SimDriver {
     }
 
     /// Whether an event's work has not completed yet (`None`: no such event).
-    pub fn event_pending(&self, event: Event) -> Option<bool> {
+    pub fn event_pending(&self, event: &Event) -> Option<bool> {
         self.lock().event_pending(event)
     }
 }
@@ -583,11 +583,11 @@ impl Driver for SimDriver {
         self.lock().record_event(stream)
     }
 
-    fn stream_wait_event(&self, stream: UsageStream, event: Event) -> DriverResult<()> {
+    fn stream_wait_event(&self, stream: UsageStream, event: &Event) -> DriverResult<()> {
         self.lock().stream_wait_event(stream, event)
     }
 
-    fn event_query(&self, device: Device, event: Event) -> DriverResult<bool> {
+    fn event_query(&self, device: Device, event: &Event) -> DriverResult<bool> {
         self.lock().event_query(device, event)
     }
 

@@ -169,11 +169,11 @@ impl Driver for NullDriver {
         Ok(Event::from_raw(e))
     }
 
-    fn stream_wait_event(&self, stream: UsageStream, _: Event) -> DriverResult<()> {
+    fn stream_wait_event(&self, stream: UsageStream, _: &Event) -> DriverResult<()> {
         self.check("cuStreamWaitEvent", stream.device)
     }
 
-    fn event_query(&self, device: Device, _: Event) -> DriverResult<bool> {
+    fn event_query(&self, device: Device, _: &Event) -> DriverResult<bool> {
         self.check("cuEventQuery", device)?;
         Ok(true)
     }

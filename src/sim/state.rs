@@ -687,7 +687,7 @@ impl State {
         Ok(Event::from_raw(handle))
     }
 
-    pub(crate) fn stream_wait_event(&mut self, us: UsageStream, event: Event) -> DriverResult<()> {
+    pub(crate) fn stream_wait_event(&mut self, us: UsageStream, event: &Event) -> DriverResult<()> {
         let op = SimOp::StreamWaitEvent;
         self.enter(op, Some(us.device))?;
         let sid = self.stream(op, us)?;
@@ -718,7 +718,7 @@ impl State {
         Ok(())
     }
 
-    pub(crate) fn event_query(&mut self, d: Device, event: Event) -> DriverResult<bool> {
+    pub(crate) fn event_query(&mut self, d: Device, event: &Event) -> DriverResult<bool> {
         let op = SimOp::EventQuery;
         self.enter(op, Some(d))?;
         let ev =
@@ -1140,7 +1140,7 @@ impl State {
         self.events.len()
     }
 
-    pub(crate) fn event_pending(&self, event: Event) -> Option<bool> {
+    pub(crate) fn event_pending(&self, event: &Event) -> Option<bool> {
         self.events.get(&event.as_raw()).map(|e| self.host_done.get(e.stream) < e.tick)
     }
 }
