@@ -75,7 +75,7 @@ fn allocators() -> Vec<(&'static str, Arc<dyn StreamOrderedAllocator>)> {
 
 fn stream(i: usize) -> Stream {
     // The null driver accepts any stream handle; distinct values stand for distinct streams.
-    Stream::from_raw(0x1000 + i * 0x100)
+    Stream::simulated(0x1000 + i * 0x100)
 }
 
 fn pair_latency(c: &mut Criterion) {

@@ -1,8 +1,16 @@
 //! The operations both allocators offer (the lock-free [`crate::StreamAlloc`] and the
 //! mutex [`crate::SeedReplica`]), so tests, benches and fuzz targets can drive either and
 //! compare them. Each method names the seed behaviour (S-number) it implements.
+//!
+//! **Bad input is refused at the door.** Every operation that names a device refuses one
+//! outside `0..device_count` with [`Error::InvalidDevice`], and `record_stream` refuses a
+//! stream that is not a stream of the device it is named with ([`Error::InvalidStream`]),
+//! before any state changes: nothing the allocator keeps can fail later because of an
+//! argument it accepted.
 
-use crate::error::Result;
+use crate::error::{
+    CUDA_ERROR_INVALID_CONTEXT, CUDA_ERROR_INVALID_DEVICE, CUDA_ERROR_INVALID_HANDLE, Error, Result,
+};
 use crate::types::{Device, DevicePtr, Stream, UsageStream};
 
 /// Device statistics (S11): from the default pool's attributes, plus this allocator's
@@ -66,7 +74,11 @@ pub trait StreamOrderedAllocator: Send + Sync {
     /// S4/S5: frees a pointer from [`Self::malloc`] (null is a no-op).
     fn free(&self, ptr: DevicePtr) -> Result<()>;
 
-    /// S6: records that `ptr` is used on `stream` (null pointer: no-op).
+    /// S6: records that `ptr` is used on `stream` (null pointer: no-op). A stream the
+    /// driver does not know, or one of another device than `stream.device`, is refused
+    /// with [`Error::InvalidStream`] (a device that does not exist with
+    /// [`Error::InvalidDevice`]) and nothing is recorded: a block recorded on an unusable
+    /// stream could never be freed.
     fn record_stream(&self, ptr: DevicePtr, stream: UsageStream) -> Result<()>;
 
     /// S7: limits this allocator's bytes on `device` to `fraction` of the device total.
@@ -91,6 +103,11 @@ pub trait StreamOrderedAllocator: Send + Sync {
     fn reset_accumulated_stats(&self, device: Device) -> Result<()>;
 
     /// S14: a capture begins on `device` (one at a time in the process).
+    ///
+    /// As every operation that names a device, a device outside `0..device_count` is
+    /// refused with [`Error::InvalidDevice`] before anything changes (here: no capture
+    /// begins), in the core, the replica and the C ABI alike, although the seed ignores
+    /// this argument.
     fn begin_capture(&self, device: Device) -> Result<()>;
 
     /// S15: the capture on `device` is about to end: `capture_stream` waits on every
@@ -157,6 +174,32 @@ pub(crate) fn reset_pool_peaks<D: crate::Driver>(driver: &D, device: Device) -> 
     driver.set_pool_attribute(device, crate::PoolAttribute::ReservedMemHigh, 0)?;
     driver.set_pool_attribute(device, crate::PoolAttribute::UsedMemHigh, 0)?;
     Ok(())
+}
+
+/// Refuses a stream that cannot be used with its device, before an allocator keeps it
+/// (record_stream): a device outside `0..device_count` is [`Error::InvalidDevice`], a
+/// stream the driver does not know, or one of another device, is
+/// [`Error::InvalidStream`]. Any other driver failure is [`Error::Driver`].
+pub(crate) fn check_stream<D: crate::Driver>(
+    driver: &D,
+    device_count: usize,
+    stream: UsageStream,
+) -> Result<()> {
+    if stream.device >= device_count {
+        return Err(Error::InvalidDevice { device: stream.device as i64, device_count });
+    }
+    match driver.check_stream(stream) {
+        Ok(()) => Ok(()),
+        Err(cause)
+            if matches!(
+                cause.code,
+                CUDA_ERROR_INVALID_HANDLE | CUDA_ERROR_INVALID_DEVICE | CUDA_ERROR_INVALID_CONTEXT
+            ) =>
+        {
+            Err(Error::InvalidStream { stream: stream.stream, device: stream.device, cause })
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// S19: a device-to-device copy when on one device or p2p is enabled, else a peer copy.

@@ -861,7 +861,8 @@ impl<D: Driver> StreamOrderedAllocator for StreamAlloc<D> {
         Ok(())
     }
 
-    fn begin_capture(&self, _device: Device) -> Result<()> {
+    fn begin_capture(&self, device: Device) -> Result<()> {
+        self.shard(device)?;
         self.epoch.transition(
             |underway| if underway { Err(Error::CaptureAlreadyUnderway) } else { Ok(()) },
             || self.capture.store(Some(Arc::new(Capture::default()))),
@@ -950,6 +951,7 @@ impl<D: Driver> StreamOrderedAllocator for StreamAlloc<D> {
 impl<D: Driver> StreamAlloc<D> {
     /// S6 on a live block's record.
     fn record_on(&self, rec: &Record, stream: UsageStream) -> Result<()> {
+        crate::api::check_stream(&self.driver, self.shards.len(), stream)?;
         if stream == rec.creation() {
             self.warnings.record_on_creation_stream();
             return Ok(());

@@ -43,6 +43,10 @@ use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
+/// `CU_STREAM_PER_THREAD`: with the null stream (0) and `CU_STREAM_LEGACY` (1), the
+/// handles that name a stream of whichever device's context is bound.
+const CU_STREAM_PER_THREAD: usize = 2;
+
 /// Events kept per device for reuse by [`Driver::record_event`] when none is given,
 /// see [`CudaDriver::with_event_cache`].
 pub const DEFAULT_EVENT_CACHE: usize = 256;
@@ -72,11 +76,15 @@ const REQUIRED_SYMBOLS: &[&str] = &[
     "cuMemFreeAsync",
     "cuMemsetD8Async",
     "cuMemcpy",
+    "cuPointerGetAttribute",
     "cuMemcpyAsync",
     "cuMemcpyPeerAsync",
     "cuMemcpyDtoHAsync_v2",
     "cuMemcpyHtoDAsync_v2",
     "cuStreamCreate",
+    "cuStreamGetCtx",
+    "cuCtxPushCurrent_v2",
+    "cuCtxPopCurrent_v2",
     "cuStreamDestroy_v2",
     "cuStreamSynchronize",
     "cuStreamWaitEvent",
@@ -132,29 +140,34 @@ impl CaptureMode {
     }
 }
 
-/// A captured and instantiated CUDA graph: the `CUgraph` and its `CUgraphExec`, carried
-/// as addresses. Made by [`CudaDriver::end_capture`], released by
-/// [`CudaDriver::graph_destroy`].
-#[derive(Copy, Clone, PartialEq, Eq, Hash, Debug)]
+/// A captured and instantiated CUDA graph: the `CUgraph` and its `CUgraphExec`, owned.
+/// Made by [`CudaDriver::end_capture`], launched by [`CudaDriver::graph_launch`] (by
+/// reference) and released by [`CudaDriver::graph_destroy`], which consumes it, so a
+/// destroyed graph cannot be launched. Not `Copy` or `Clone`; dropping it without
+/// `graph_destroy` leaks it (no driver call from `Drop`: the graph does not hold its
+/// driver). Only the driver instance that made it accepts it.
+#[derive(PartialEq, Eq, Debug)]
 pub struct CudaGraph {
     graph: usize,
     exec: usize,
     device: Device,
+    /// The id of the [`CudaDriver`] that made it.
+    origin: u64,
 }
 
 impl CudaGraph {
     /// The raw `CUgraphExec` handle.
-    pub fn exec_raw(self) -> usize {
+    pub fn exec_raw(&self) -> usize {
         self.exec
     }
 
     /// The raw `CUgraph` handle.
-    pub fn graph_raw(self) -> usize {
+    pub fn graph_raw(&self) -> usize {
         self.graph
     }
 
     /// The device whose stream was captured.
-    pub fn device(self) -> Device {
+    pub fn device(&self) -> Device {
         self.device
     }
 }
@@ -177,6 +190,8 @@ struct DeviceSlot {
 
 /// The CUDA driver backend. See the [module documentation](self).
 pub struct CudaDriver {
+    /// Tells this instance's events and graphs from others' (never 0).
+    id: u64,
     devices: Box<[DeviceSlot]>,
     driver_version: i32,
     policy: ContextPolicy,
@@ -240,6 +255,31 @@ pub fn error_name(result: CUresult) -> String {
 #[inline(never)]
 pub fn cu_error(op: &'static str, result: CUresult) -> DriverError {
     DriverError::new(op, result as i32, error_name(result))
+}
+
+/// The `CUstream` for a [`Stream`], refusing a [simulated](Stream::simulated) handle
+/// (`CUDA_ERROR_INVALID_HANDLE`), which safe code can make from any number: only handles
+/// from the driver or from `unsafe` [`Stream::from_raw`] reach it.
+#[inline]
+fn cu_stream(op: &'static str, stream: Stream) -> DriverResult<CUstream> {
+    if stream.is_simulated() {
+        return Err(DriverError::new(
+            op,
+            CUresult::CUDA_ERROR_INVALID_HANDLE as i32,
+            "CUDA_ERROR_INVALID_HANDLE: a simulated stream handle given to the CUDA backend",
+        ));
+    }
+    Ok(stream.as_raw() as CUstream)
+}
+
+/// `CUDA_ERROR_INVALID_HANDLE` for a handle this driver instance did not make.
+#[cold]
+fn foreign(op: &'static str, what: &str) -> DriverError {
+    DriverError::new(
+        op,
+        CUresult::CUDA_ERROR_INVALID_HANDLE as i32,
+        format!("CUDA_ERROR_INVALID_HANDLE: {what} not made by this CUDA driver"),
+    )
 }
 
 /// `Ok` for `CUDA_SUCCESS`, else the call's [`DriverError`].
@@ -363,7 +403,9 @@ impl CudaDriver {
                 spare_events: AtomicUsize::new(0),
             });
         }
+        static IDS: AtomicU64 = AtomicU64::new(1);
         Ok(CudaDriver {
+            id: IDS.fetch_add(1, Ordering::Relaxed),
             devices: devices.into_boxed_slice(),
             driver_version: version,
             policy: ContextPolicy::default(),
@@ -512,17 +554,23 @@ impl CudaDriver {
         count: usize,
         stream: Stream,
     ) -> DriverResult<()> {
+        let s = cu_stream("cuMemsetD8Async", stream)?;
         let _g = self.bind(device)?;
+        self.check_device_memory("cuMemsetD8Async", ptr, count)?;
         // Safety: context bound; the driver validates `ptr`/`count` against its
-        // allocations and reports a bad range as an error; `stream` is the caller's.
-        check("cuMemsetD8Async", unsafe {
-            sys::cuMemsetD8Async(ptr.as_raw(), value, count, stream.as_raw() as CUstream)
-        })
+        // allocations and reports a bad range as an error; `s` is a live stream
+        // (`Stream`'s contract).
+        check("cuMemsetD8Async", unsafe { sys::cuMemsetD8Async(ptr.as_raw(), value, count, s) })
     }
 
     /// Copies `dst.len()` bytes from device memory `src` to `dst`, ordered on `stream`
     /// (`cuMemcpyDtoHAsync`), then waits for `stream` (`cuStreamSynchronize`), so `dst`
     /// holds the data on return.
+    ///
+    /// The driver writes into a staging buffer of this call's own, copied into `dst` only
+    /// once the copy is known complete: if the wait fails, the copy may still be pending,
+    /// so the staging buffer is leaked (the late write lands there) and `dst` is never
+    /// written after this call returns.
     pub fn copy_to_host(
         &self,
         device: Device,
@@ -530,21 +578,35 @@ impl CudaDriver {
         dst: &mut [u8],
         stream: Stream,
     ) -> DriverResult<()> {
+        const OP: &str = "cuMemcpyDtoHAsync";
+        let s = cu_stream(OP, stream)?;
         let _g = self.bind(device)?;
-        let s = stream.as_raw() as CUstream;
-        // Safety: context bound; `dst` is a live, exclusively borrowed host buffer of
-        // `dst.len()` bytes, and the stream is synchronized below before the borrow
-        // ends, so the driver never writes to it afterwards. If the copy fails to
-        // enqueue, nothing was written.
-        check("cuMemcpyDtoHAsync", unsafe {
-            sys::cuMemcpyDtoHAsync_v2(dst.as_mut_ptr().cast(), src.as_raw(), dst.len(), s)
+        self.check_device_memory(OP, src, dst.len())?;
+        let mut staging = std::mem::ManuallyDrop::new(vec![0u8; dst.len()]);
+        // Safety: context bound; `src` is device memory (checked above; the driver
+        // validates the range); `staging` is a live host buffer of `dst.len()` bytes
+        // that is freed only after the copy is known complete (else never).
+        check(OP, unsafe {
+            sys::cuMemcpyDtoHAsync_v2(staging.as_mut_ptr().cast(), src.as_raw(), dst.len(), s)
+        })
+        .inspect_err(|_| {
+            // Not enqueued: nothing will write to the buffer.
+            // Safety: taken once, here, on this path only.
+            drop(unsafe { std::mem::ManuallyDrop::take(&mut staging) });
         })?;
-        // Safety: context bound; waits for the stream (including the copy above).
-        check("cuStreamSynchronize", unsafe { sys::cuStreamSynchronize(s) })
+        // Safety: context bound; waits for the stream (including the copy above). On
+        // failure `staging` stays leaked (ManuallyDrop).
+        check("cuStreamSynchronize", unsafe { sys::cuStreamSynchronize(s) })?;
+        dst.copy_from_slice(&staging);
+        // Safety: the copy has completed; taken once.
+        drop(unsafe { std::mem::ManuallyDrop::take(&mut staging) });
+        Ok(())
     }
 
     /// Copies `src` to device memory `dst`, ordered on `stream` (`cuMemcpyHtoDAsync`),
-    /// then waits for `stream`, so `src` may be reused on return.
+    /// then waits for `stream`. The driver reads a staging copy of `src` owned by this
+    /// call, leaked if the wait fails (the copy may still be reading it), so `src` is
+    /// free for reuse on return either way.
     pub fn copy_from_host(
         &self,
         device: Device,
@@ -552,58 +614,108 @@ impl CudaDriver {
         dst: DevicePtr,
         stream: Stream,
     ) -> DriverResult<()> {
+        const OP: &str = "cuMemcpyHtoDAsync";
+        let s = cu_stream(OP, stream)?;
         let _g = self.bind(device)?;
-        let s = stream.as_raw() as CUstream;
-        // Safety: context bound; `src` is a live host buffer of `src.len()` bytes that
-        // stays borrowed until the stream is synchronized below.
-        check("cuMemcpyHtoDAsync", unsafe {
-            sys::cuMemcpyHtoDAsync_v2(dst.as_raw(), src.as_ptr().cast(), src.len(), s)
+        self.check_device_memory(OP, dst, src.len())?;
+        let mut staging = std::mem::ManuallyDrop::new(src.to_vec());
+        // Safety: context bound; `dst` is device memory (checked above; the driver
+        // validates the range); `staging` is a live host buffer of `src.len()` bytes
+        // freed only after the copy is known complete (else never).
+        check(OP, unsafe {
+            sys::cuMemcpyHtoDAsync_v2(dst.as_raw(), staging.as_ptr().cast(), src.len(), s)
+        })
+        .inspect_err(|_| {
+            // Safety: not enqueued, so nothing reads the buffer; taken once.
+            drop(unsafe { std::mem::ManuallyDrop::take(&mut staging) });
         })?;
         // Safety: context bound; waits for the stream (including the copy above).
-        check("cuStreamSynchronize", unsafe { sys::cuStreamSynchronize(s) })
+        check("cuStreamSynchronize", unsafe { sys::cuStreamSynchronize(s) })?;
+        // Safety: the copy has completed; taken once.
+        drop(unsafe { std::mem::ManuallyDrop::take(&mut staging) });
+        Ok(())
+    }
+
+    /// Refuses a pointer that is not device memory (`cuPointerGetAttribute`,
+    /// `CU_POINTER_ATTRIBUTE_MEMORY_TYPE`). Under unified addressing the copy and set
+    /// calls infer a pointer's kind from its value, so a host address passed as a
+    /// [`DevicePtr`] (which safe code can make from any number) would have the driver
+    /// write host memory. `count` 0 touches nothing and is not checked. The context must
+    /// be bound.
+    fn check_device_memory(
+        &self,
+        op: &'static str,
+        ptr: DevicePtr,
+        count: usize,
+    ) -> DriverResult<()> {
+        if count == 0 {
+            return Ok(());
+        }
+        let mut kind: u32 = 0;
+        // Safety: context bound; `kind` is a live u32, the size of the memory-type
+        // attribute (a CUmemorytype); the driver only reads its own tables for `ptr`.
+        let r = unsafe {
+            sys::cuPointerGetAttribute(
+                (&mut kind as *mut u32).cast(),
+                sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_MEMORY_TYPE,
+                ptr.as_raw(),
+            )
+        };
+        if r == CUresult::CUDA_SUCCESS && kind == sys::CUmemorytype::CU_MEMORYTYPE_DEVICE as u32 {
+            return Ok(());
+        }
+        Err(DriverError::new(
+            op,
+            CUresult::CUDA_ERROR_INVALID_VALUE as i32,
+            format!("CUDA_ERROR_INVALID_VALUE: {ptr} is not device memory"),
+        ))
     }
 
     /// Waits for all work on `stream` (`cuStreamSynchronize`).
     pub fn stream_synchronize(&self, stream: UsageStream) -> DriverResult<()> {
+        let s = cu_stream("cuStreamSynchronize", stream.stream)?;
         let _g = self.bind(stream.device)?;
-        // Safety: context of the stream's device bound; the handle is the caller's.
-        check("cuStreamSynchronize", unsafe {
-            sys::cuStreamSynchronize(stream.stream.as_raw() as CUstream)
-        })
+        // Safety: context of the stream's device bound; `s` is a live stream.
+        check("cuStreamSynchronize", unsafe { sys::cuStreamSynchronize(s) })
     }
 
     /// Destroys a stream made by [`Driver::create_stream`] (`cuStreamDestroy`). Work
-    /// already queued on it still completes.
-    pub fn destroy_stream(&self, stream: UsageStream) -> DriverResult<()> {
+    /// already queued on it still completes. The null stream is left alone.
+    ///
+    /// # Safety
+    /// [`Stream`] is `Copy`: the caller owns the stream, and no copy of the handle is
+    /// used with this driver afterwards (nor recorded in an allocator that may use it:
+    /// every block recorded on it, or allocated on it, is freed first, and no cache
+    /// keeps blocks on it), since the driver dereferences a handle it is given.
+    pub unsafe fn destroy_stream(&self, stream: UsageStream) -> DriverResult<()> {
         if stream.stream.is_null() {
             return Ok(());
         }
+        let s = cu_stream("cuStreamDestroy", stream.stream)?;
         let _g = self.bind(stream.device)?;
-        // Safety: context bound; the caller owns the (non-null) stream and stops using it.
-        check("cuStreamDestroy", unsafe {
-            sys::cuStreamDestroy_v2(stream.stream.as_raw() as CUstream)
-        })
+        // Safety: context bound; the caller owns the (non-null) stream and stops using
+        // it (this function's contract).
+        check("cuStreamDestroy", unsafe { sys::cuStreamDestroy_v2(s) })
     }
 
     /// Begins capturing `stream` into a graph (`cuStreamBeginCapture_v2`). Capture needs
     /// a non-null stream.
     pub fn begin_capture(&self, stream: UsageStream, mode: CaptureMode) -> DriverResult<()> {
+        let s = cu_stream("cuStreamBeginCapture", stream.stream)?;
         let _g = self.bind(stream.device)?;
-        // Safety: context bound; stream handle is the caller's; mode is a valid enum.
-        check("cuStreamBeginCapture", unsafe {
-            sys::cuStreamBeginCapture_v2(stream.stream.as_raw() as CUstream, mode.raw())
-        })
+        // Safety: context bound; `s` is a live stream; mode is a valid enum.
+        check("cuStreamBeginCapture", unsafe { sys::cuStreamBeginCapture_v2(s, mode.raw()) })
     }
 
     /// Ends the capture of `stream` (`cuStreamEndCapture`) and instantiates the graph
     /// (`cuGraphInstantiateWithFlags`, flags 0).
     pub fn end_capture(&self, stream: UsageStream) -> DriverResult<CudaGraph> {
+        let s = cu_stream("cuStreamEndCapture", stream.stream)?;
         let _g = self.bind(stream.device)?;
         let mut graph: sys::CUgraph = std::ptr::null_mut();
-        // Safety: context bound; valid out-pointer. On failure no graph is returned.
-        check("cuStreamEndCapture", unsafe {
-            sys::cuStreamEndCapture(stream.stream.as_raw() as CUstream, &mut graph)
-        })?;
+        // Safety: context bound; `s` is a live stream; valid out-pointer. On failure no
+        // graph is returned.
+        check("cuStreamEndCapture", unsafe { sys::cuStreamEndCapture(s, &mut graph) })?;
         let mut exec: sys::CUgraphExec = std::ptr::null_mut();
         // Safety: `graph` is the valid graph just returned; valid out-pointer.
         let r = unsafe { sys::cuGraphInstantiateWithFlags(&mut exec, graph, 0) };
@@ -612,24 +724,36 @@ impl CudaDriver {
             unsafe { sys::cuGraphDestroy(graph) };
             return Err(cu_error("cuGraphInstantiateWithFlags", r));
         }
-        Ok(CudaGraph { graph: graph as usize, exec: exec as usize, device: stream.device })
+        Ok(CudaGraph {
+            graph: graph as usize,
+            exec: exec as usize,
+            device: stream.device,
+            origin: self.id,
+        })
     }
 
     /// Launches an instantiated graph on `stream` (`cuGraphLaunch`).
-    pub fn graph_launch(&self, graph: CudaGraph, stream: UsageStream) -> DriverResult<()> {
+    pub fn graph_launch(&self, graph: &CudaGraph, stream: UsageStream) -> DriverResult<()> {
+        if graph.origin != self.id {
+            return Err(foreign("cuGraphLaunch", "a graph"));
+        }
+        let s = cu_stream("cuGraphLaunch", stream.stream)?;
         let _g = self.bind(stream.device)?;
-        // Safety: context bound; `graph.exec` is a live exec from end_capture (the caller
-        // has not destroyed it).
-        check("cuGraphLaunch", unsafe {
-            sys::cuGraphLaunch(graph.exec as sys::CUgraphExec, stream.stream.as_raw() as CUstream)
-        })
+        // Safety: context bound; `graph.exec` is a live exec made by this driver (the
+        // origin check) that has not been destroyed (graph_destroy consumes the graph);
+        // `s` is a live stream.
+        check("cuGraphLaunch", unsafe { sys::cuGraphLaunch(graph.exec as sys::CUgraphExec, s) })
     }
 
     /// Destroys a graph and its executable (`cuGraphExecDestroy`, `cuGraphDestroy`).
     /// Launches already queued still complete.
     pub fn graph_destroy(&self, graph: CudaGraph) -> DriverResult<()> {
+        if graph.origin != self.id {
+            return Err(foreign("cuGraphDestroy", "a graph"));
+        }
         let _g = self.bind(graph.device)?;
-        // Safety: the caller owns `graph` and stops using it; both handles are live.
+        // Safety: `graph` is consumed here, made by this driver and never destroyed
+        // before (destroying consumes it), so both handles are live and unused after.
         let r1 = unsafe { sys::cuGraphExecDestroy(graph.exec as sys::CUgraphExec) };
         // Safety: as above.
         let r2 = unsafe { sys::cuGraphDestroy(graph.graph as sys::CUgraph) };
@@ -640,17 +764,14 @@ impl CudaDriver {
     /// sleeps, so work queued after it starts late (a "delay kernel" that needs no
     /// compiled kernel). It blocks the stream, and a driver thread, while it sleeps.
     pub fn stream_sleep(&self, stream: UsageStream, ms: u32) -> DriverResult<()> {
+        let s = cu_stream("cuLaunchHostFunc", stream.stream)?;
         let _g = self.bind(stream.device)?;
         let user_data = std::ptr::without_provenance_mut::<c_void>(ms as usize);
-        // Safety: context bound; `sleep_host_fn` makes no CUDA call (as host functions
+        // Safety: context bound; `s` is a live stream; `sleep_host_fn` makes no CUDA call (as host functions
         // must not) and only reads the address of `user_data`, which is never
         // dereferenced, so any number of runs (for example from a graph) is sound.
         check("cuLaunchHostFunc", unsafe {
-            sys::cuLaunchHostFunc(
-                stream.stream.as_raw() as CUstream,
-                Some(sleep_host_fn),
-                user_data,
-            )
+            sys::cuLaunchHostFunc(s, Some(sleep_host_fn), user_data)
         })
     }
 
@@ -760,7 +881,51 @@ impl Driver for CudaDriver {
         check("cuStreamCreate", unsafe {
             sys::cuStreamCreate(&mut stream, sys::CUstream_flags::CU_STREAM_NON_BLOCKING as u32)
         })?;
-        Ok(Stream::from_raw(stream as usize))
+        // Safety: a live stream just made by the driver (the caller owns it).
+        Ok(unsafe { Stream::from_raw(stream as usize) })
+    }
+
+    /// The null stream, `CU_STREAM_LEGACY` and `CU_STREAM_PER_THREAD` are valid on every
+    /// device (they mean that device's own stream once its context is bound). Another
+    /// handle's context comes from `cuStreamGetCtx`; the device's primary context is the
+    /// common answer, and any other context is asked for its device
+    /// (`cuCtxGetDevice`, pushed and popped). The driver cannot tell a handle that never
+    /// existed from a live one: that is the contract of `Stream::from_raw`.
+    fn check_stream(&self, stream: UsageStream) -> DriverResult<()> {
+        const OP: &str = "cuStreamGetCtx";
+        let slot = self.slot(stream.device, OP)?;
+        let raw = cu_stream(OP, stream.stream)? as usize;
+        if raw <= CU_STREAM_PER_THREAD {
+            return Ok(());
+        }
+        let _g = self.bind(stream.device)?;
+        let primary = *slot.ctx.get().expect("bound above, so retained");
+        let mut ctx: CUcontext = std::ptr::null_mut();
+        // Safety: context bound; `raw` is a live stream handle (the contract of
+        // `Stream::from_raw`); valid out-pointer.
+        check(OP, unsafe { sys::cuStreamGetCtx(raw as CUstream, &mut ctx) })?;
+        if ctx as usize == primary {
+            return Ok(());
+        }
+        // Safety: `ctx` is the live context of a live stream; pushed here and popped
+        // right below, so the thread's context stack is as it was.
+        check("cuCtxPushCurrent", unsafe { sys::cuCtxPushCurrent_v2(ctx) })?;
+        let mut dev: CUdevice = 0;
+        // Safety: a context is current (pushed above); valid out-pointer.
+        let got = check("cuCtxGetDevice", unsafe { sys::cuCtxGetDevice(&mut dev) });
+        let mut popped: CUcontext = std::ptr::null_mut();
+        // Safety: pops the context pushed above; valid out-pointer.
+        let pop = check("cuCtxPopCurrent", unsafe { sys::cuCtxPopCurrent_v2(&mut popped) });
+        got.and(pop)?;
+        if dev == slot.cu_device {
+            Ok(())
+        } else {
+            Err(DriverError::new(
+                OP,
+                CUresult::CUDA_ERROR_INVALID_HANDLE as i32,
+                "CUDA_ERROR_INVALID_HANDLE: the stream belongs to another device",
+            ))
+        }
     }
 
     /// The driver API has no per-thread "last error" to clear: every call returns its own
@@ -784,13 +949,13 @@ impl Driver for CudaDriver {
 
     #[inline]
     fn malloc_async(&self, device: Device, size: usize, stream: Stream) -> DriverResult<DevicePtr> {
+        let s = cu_stream("cuMemAllocAsync", stream)?;
         let _g = self.bind(device)?;
         let mut ptr: sys::CUdeviceptr = 0;
         // Safety: context bound (the null stream means this device's legacy stream);
-        // valid out-pointer; the allocation comes from the device's default pool.
-        check("cuMemAllocAsync", unsafe {
-            sys::cuMemAllocAsync(&mut ptr, size, stream.as_raw() as CUstream)
-        })?;
+        // `s` is a live stream; valid out-pointer; the allocation comes from the
+        // device's default pool.
+        check("cuMemAllocAsync", unsafe { sys::cuMemAllocAsync(&mut ptr, size, s) })?;
         Ok(DevicePtr::from_raw(ptr))
     }
 
@@ -802,12 +967,12 @@ impl Driver for CudaDriver {
         _size: usize,
         stream: Stream,
     ) -> DriverResult<()> {
+        let s = cu_stream("cuMemFreeAsync", stream)?;
         let _g = self.bind(device)?;
         // Safety: the block's device context is bound (cuMemFreeAsync resolves the null
-        // stream through it); the driver rejects a pointer it did not allocate.
-        check("cuMemFreeAsync", unsafe {
-            sys::cuMemFreeAsync(ptr.as_raw(), stream.as_raw() as CUstream)
-        })
+        // stream through it); `s` is a live stream; the driver rejects a pointer it did
+        // not allocate.
+        check("cuMemFreeAsync", unsafe { sys::cuMemFreeAsync(ptr.as_raw(), s) })
     }
 
     fn mem_get_info(&self, device: Device) -> DriverResult<MemInfo> {
@@ -881,16 +1046,16 @@ impl Driver for CudaDriver {
     }
 
     fn record_event(&self, stream: UsageStream) -> DriverResult<Event> {
+        let s = cu_stream("cuEventRecord", stream.stream)?;
         let _g = self.bind(stream.device)?;
         let slot = self.slot(stream.device, "cuEventRecord")?;
-        let s = stream.stream.as_raw() as CUstream;
         let from_cache = !slot.events.is_empty();
         let ev = self.take_event(slot)?;
         // Safety: context of the stream's device bound; `ev` was made in that context
         // (S24); re-recording a spare event is legal (a wait captured its earlier state).
         let r = unsafe { sys::cuEventRecord(ev, s) };
         if r == CUresult::CUDA_SUCCESS {
-            return Ok(Event::from_raw(ev as usize));
+            return Ok(Event::made_by(ev as usize, self.id));
         }
         let _ = Self::destroy_raw_event(ev);
         if from_cache {
@@ -900,25 +1065,36 @@ impl Driver for CudaDriver {
             // Safety: as above, with a fresh event of this context.
             let r = unsafe { sys::cuEventRecord(ev, s) };
             if r == CUresult::CUDA_SUCCESS {
-                return Ok(Event::from_raw(ev as usize));
+                return Ok(Event::made_by(ev as usize, self.id));
             }
             let _ = Self::destroy_raw_event(ev);
         }
         Err(cu_error("cuEventRecord", r))
     }
 
-    fn stream_wait_event(&self, stream: UsageStream, event: Event) -> DriverResult<()> {
+    /// Only events this driver instance recorded are accepted (`CUDA_ERROR_INVALID_HANDLE`
+    /// otherwise): they are live, since `destroy_event` consumes them.
+    fn stream_wait_event(&self, stream: UsageStream, event: &Event) -> DriverResult<()> {
+        if event.origin() != self.id {
+            return Err(foreign("cuStreamWaitEvent", "an event"));
+        }
+        let s = cu_stream("cuStreamWaitEvent", stream.stream)?;
         let _g = self.bind(stream.device)?;
-        // Safety: context of the waiting stream's device bound; the event may come from
-        // another device (cross-device waits are legal); flags 0.
+        // Safety: context of the waiting stream's device bound; `s` is a live stream; the
+        // event is a live event of this driver (origin check; not destroyed, as
+        // destroying consumes it) and may come from another device (legal); flags 0.
         check("cuStreamWaitEvent", unsafe {
-            sys::cuStreamWaitEvent(stream.stream.as_raw() as CUstream, event.as_raw() as CUevent, 0)
+            sys::cuStreamWaitEvent(s, event.as_raw() as CUevent, 0)
         })
     }
 
-    fn event_query(&self, device: Device, event: Event) -> DriverResult<bool> {
+    fn event_query(&self, device: Device, event: &Event) -> DriverResult<bool> {
+        if event.origin() != self.id {
+            return Err(foreign("cuEventQuery", "an event"));
+        }
         let _g = self.bind(device)?;
-        // Safety: context bound; the event is live (not yet given to destroy_event).
+        // Safety: context bound; the event is a live event of this driver (see
+        // stream_wait_event).
         match unsafe { sys::cuEventQuery(event.as_raw() as CUevent) } {
             CUresult::CUDA_SUCCESS => Ok(true),
             CUresult::CUDA_ERROR_NOT_READY => Ok(false),
@@ -929,9 +1105,17 @@ impl Driver for CudaDriver {
     /// Returns the event to `device`'s spare list (up to the cache size), else destroys
     /// it. Reuse is safe even while the event is pending: `cuStreamWaitEvent` captured its
     /// state when called, and a later `cuEventRecord` does not affect earlier waits.
-    /// `device` must be the device of the stream the event was recorded on.
+    /// `device` should be the device of the stream the event was recorded on (an event
+    /// put on another device's list fails to record there and is then destroyed).
+    ///
+    /// Only this instance's own events are accepted: a foreign event (one made by
+    /// [`Event::from_raw`] or by another driver) is neither cached nor destroyed, since
+    /// its owner may still use or destroy it (`CUDA_ERROR_INVALID_HANDLE`).
     fn destroy_event(&self, device: Device, event: Event) -> DriverResult<()> {
         let slot = self.slot(device, "cuEventDestroy")?;
+        if event.origin() != self.id {
+            return Err(foreign("cuEventDestroy", "an event"));
+        }
         if slot.spare_events.load(Ordering::Relaxed) < self.event_cache {
             slot.spare_events.fetch_add(1, Ordering::Relaxed);
             slot.events.push(event.as_raw());
@@ -946,12 +1130,12 @@ impl Driver for CudaDriver {
     /// stream while another blocking stream of the device captures fails with
     /// `CUDA_ERROR_STREAM_CAPTURE_IMPLICIT`, which is returned as an error.
     fn capture_status(&self, stream: UsageStream) -> DriverResult<CaptureStatus> {
+        let s = cu_stream("cuStreamIsCapturing", stream.stream)?;
         let _g = self.bind(stream.device)?;
         let mut status = CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE;
-        // Safety: context bound (for the null stream); valid out-pointer.
-        check("cuStreamIsCapturing", unsafe {
-            sys::cuStreamIsCapturing(stream.stream.as_raw() as CUstream, &mut status)
-        })?;
+        // Safety: context bound (for the null stream); `s` is a live stream; valid
+        // out-pointer.
+        check("cuStreamIsCapturing", unsafe { sys::cuStreamIsCapturing(s, &mut status) })?;
         Ok(capture_status_from_raw(status))
     }
 
@@ -994,7 +1178,12 @@ impl Driver for CudaDriver {
         stream: UsageStream,
         peer: bool,
     ) -> DriverResult<()> {
-        let s = stream.stream.as_raw() as CUstream;
+        let s = cu_stream(if peer { "cuMemcpyPeerAsync" } else { "cuMemcpyAsync" }, stream.stream)?;
+        if count != 0 {
+            let _g = self.bind(stream.device)?;
+            self.check_device_memory("cuMemcpyAsync", dst, count)?;
+            self.check_device_memory("cuMemcpyAsync", src, count)?;
+        }
         if peer {
             let dst_ctx = self.primary_context(dst_device)?;
             let src_ctx = self.primary_context(src_device)?;
@@ -1032,7 +1221,10 @@ impl Driver for CudaDriver {
         count: usize,
     ) -> DriverResult<()> {
         let _g = self.bind(device)?;
-        // Safety: context bound; the driver validates both ranges.
+        self.check_device_memory("cuMemcpy", dst, count)?;
+        self.check_device_memory("cuMemcpy", src, count)?;
+        // Safety: context bound; both pointers are device memory (checked above), so
+        // no host memory is written; the driver validates both ranges.
         check("cuMemcpy", unsafe { sys::cuMemcpy(dst.as_raw(), src.as_raw(), count) })
     }
 }

@@ -30,6 +30,13 @@ pub trait Driver: Send + Sync + 'static {
     /// Creates a non-blocking stream on `device` (the unifying free stream).
     fn create_stream(&self, device: Device) -> DriverResult<Stream>;
 
+    /// Whether `stream.stream` is a stream of `stream.device`: `Ok` for a live stream of
+    /// that device (the null stream is every device's own), else an error:
+    /// `CUDA_ERROR_INVALID_DEVICE` for a device that does not exist,
+    /// `CUDA_ERROR_INVALID_HANDLE` for a stream that does not exist (where the driver
+    /// can tell) or one of another device. No work is enqueued and no state changes.
+    fn check_stream(&self, stream: UsageStream) -> DriverResult<()>;
+
     /// S23: reports (and clears) an error left by earlier asynchronous work on this
     /// thread/device, the way `cudaGetLastError` does.
     fn check_last_error(&self, device: Device) -> DriverResult<()>;
@@ -71,12 +78,13 @@ pub trait Driver: Send + Sync + 'static {
     fn record_event(&self, stream: UsageStream) -> DriverResult<Event>;
 
     /// Makes `stream` wait for `event` (which may come from another device).
-    fn stream_wait_event(&self, stream: UsageStream, event: Event) -> DriverResult<()>;
+    fn stream_wait_event(&self, stream: UsageStream, event: &Event) -> DriverResult<()>;
 
     /// Whether the work captured by `event` has completed (`cuEventQuery`).
-    fn event_query(&self, device: Device, event: Event) -> DriverResult<bool>;
+    fn event_query(&self, device: Device, event: &Event) -> DriverResult<bool>;
 
-    /// Releases an event (it may still be pending; the driver frees it when done).
+    /// Releases an event (it may still be pending; the driver frees it when done). The
+    /// event is consumed: it cannot be used afterwards.
     fn destroy_event(&self, device: Device, event: Event) -> DriverResult<()>;
 
     /// Whether `stream` is being captured.
@@ -128,7 +136,7 @@ pub trait Driver: Send + Sync + 'static {
     /// destroy: the seed's `sync_raw`). The event is made on the dependency's device.
     fn sync_streams(&self, dependency: UsageStream, dependent: UsageStream) -> DriverResult<()> {
         let event = self.record_event(dependency)?;
-        let waited = self.stream_wait_event(dependent, event);
+        let waited = self.stream_wait_event(dependent, &event);
         let destroyed = self.destroy_event(dependency.device, event);
         waited.and(destroyed)
     }
@@ -148,6 +156,9 @@ impl<T: Driver + ?Sized> Driver for std::sync::Arc<T> {
     }
     fn create_stream(&self, device: Device) -> DriverResult<Stream> {
         (**self).create_stream(device)
+    }
+    fn check_stream(&self, stream: UsageStream) -> DriverResult<()> {
+        (**self).check_stream(stream)
     }
     #[inline]
     fn check_last_error(&self, device: Device) -> DriverResult<()> {
@@ -190,10 +201,10 @@ impl<T: Driver + ?Sized> Driver for std::sync::Arc<T> {
     fn record_event(&self, stream: UsageStream) -> DriverResult<Event> {
         (**self).record_event(stream)
     }
-    fn stream_wait_event(&self, stream: UsageStream, event: Event) -> DriverResult<()> {
+    fn stream_wait_event(&self, stream: UsageStream, event: &Event) -> DriverResult<()> {
         (**self).stream_wait_event(stream, event)
     }
-    fn event_query(&self, device: Device, event: Event) -> DriverResult<bool> {
+    fn event_query(&self, device: Device, event: &Event) -> DriverResult<bool> {
         (**self).event_query(device, event)
     }
     fn destroy_event(&self, device: Device, event: Event) -> DriverResult<()> {

@@ -1,7 +1,7 @@
 //! The crate's typed errors. Every public operation returns `Result<_, Error>`; after
 //! any error the allocator keeps working and its books are exact.
 
-use crate::types::{Device, DevicePtr, format_size};
+use crate::types::{Device, DevicePtr, Stream, format_size};
 use std::fmt;
 
 /// CUDA's `CUDA_ERROR_OUT_OF_MEMORY`.
@@ -12,6 +12,10 @@ pub const CUDA_ERROR_INVALID_VALUE: i32 = 1;
 pub const CUDA_ERROR_NOT_INITIALIZED: i32 = 3;
 /// CUDA's `CUDA_ERROR_INVALID_HANDLE`.
 pub const CUDA_ERROR_INVALID_HANDLE: i32 = 400;
+/// CUDA's `CUDA_ERROR_INVALID_DEVICE`.
+pub const CUDA_ERROR_INVALID_DEVICE: i32 = 101;
+/// CUDA's `CUDA_ERROR_INVALID_CONTEXT`.
+pub const CUDA_ERROR_INVALID_CONTEXT: i32 = 201;
 /// CUDA's `CUDA_ERROR_NOT_READY` (an event or stream still has work pending).
 pub const CUDA_ERROR_NOT_READY: i32 = 600;
 /// CUDA's `CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED`.
@@ -122,6 +126,17 @@ pub enum Error {
         /// How many devices the allocator was initialized with.
         device_count: usize,
     },
+    /// A stream that does not exist (never made, or destroyed), or a stream named as a
+    /// stream of a device it does not belong to. Refused where the stream is given
+    /// (`record_stream`), before the allocator keeps it.
+    InvalidStream {
+        /// The stream handle that was passed.
+        stream: Stream,
+        /// The device it was named with.
+        device: Device,
+        /// What the driver answered when asked about it.
+        cause: DriverError,
+    },
     /// A memory fraction outside `[0, 1]` (or NaN).
     InvalidFraction {
         /// The fraction that was passed.
@@ -163,6 +178,11 @@ impl fmt::Display for Error {
             Error::InvalidDevice { device, device_count } => write!(
                 f,
                 "invalid device index {device}: the allocator has {device_count} device(s)"
+            ),
+            Error::InvalidStream { stream, device, cause } => write!(
+                f,
+                "invalid stream {stream:?} for device {device}: it does not exist or belongs \
+                 to another device ({cause})"
             ),
             Error::InvalidFraction { fraction } => {
                 write!(f, "invalid memory fraction {fraction}: it must lie within [0, 1]")

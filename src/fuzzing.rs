@@ -254,18 +254,101 @@ pub enum Op {
         /// Device selector (modulo the devices).
         device: u8,
     },
+    /// Issue 13: `record_stream` with a stream that cannot be used: `kind` modulo 4 is a
+    /// garbage handle, a destroyed stream, another device's stream named as the block's
+    /// device, or a device that does not exist. Every side must refuse it (InvalidStream
+    /// or InvalidDevice) and leave the block as it was.
+    BadRecord {
+        /// Slot selector (no live block: nothing happens).
+        slot: u8,
+        /// Which kind of unusable stream.
+        kind: u8,
+    },
+    /// The program destroys one of its created streams and makes a new one in its place.
+    /// Only when no block (live or with a deferred free) names it and no capture is
+    /// underway, as a correct program does; the old handle is kept as a dead stream for
+    /// `BadRecord`.
+    DestroyStream {
+        /// Selector over all devices' created streams.
+        stream: u8,
+    },
+    /// The handle API (`StreamAlloc::allocate` -> `Block`) mixed with the pointer API on
+    /// the handle's block, on the sides that have it (the core; the replica has no
+    /// handles and skips this), not during a capture. The handle's block is freed (or
+    /// dropped) at the end of the op; the pointer API must never free it (issue 13,
+    /// defect 11).
+    Handle {
+        /// Device selector (modulo the devices).
+        device: u8,
+        /// The size.
+        size: SizeSel,
+        /// Stream selector on that device.
+        stream: u8,
+        /// What happens to the block while the handle lives.
+        steps: Vec<HandleStep>,
+        /// End with `Block::free` (else the handle is dropped).
+        free: bool,
+    },
+}
+
+/// Whether [`HandleStep::PtrFree`] runs. Off until the pointer API refuses blocks a
+/// live handle owns (issue 13, defect 11, fixed with the front-cache rewrite): today
+/// the free succeeds, and the handle's drop then frees the address's next owner.
+/// Inputs that find it are kept in `fuzz/findings/faults-defect-11/` (they decode as
+/// `FaultsInput`); turn this on with that fix and add them to the corpus.
+pub const CHECK_HANDLE_OWNERSHIP: bool = false;
+
+/// One thing done to a handle's block while the handle lives ([`Op::Handle`]).
+#[derive(Arbitrary, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HandleStep {
+    /// `Block::record_stream` on a stream of any device (the creation stream is skipped).
+    Record {
+        /// Stream selector over all devices' streams.
+        stream: u8,
+    },
+    /// The pointer API's `free` of the handle's address: must be refused, since the
+    /// handle owns the block.
+    PtrFree,
+    /// The pointer API's `record_stream` on the handle's address (refused when the block
+    /// is not in the map; accepted when it is).
+    PtrRecord {
+        /// Stream selector over all devices' streams.
+        stream: u8,
+    },
+    /// A kernel using the block on its creation stream or a stream recorded on it.
+    Use {
+        /// Selector among those streams.
+        stream: u8,
+    },
+    /// A pointer-API malloc and free on the handle's stream while the handle lives: the
+    /// address must differ from the handle's.
+    PtrAllocFree {
+        /// The size.
+        size: SizeSel,
+    },
 }
 
 /// One allocator under test and its simulated device.
 struct Side {
-    alloc: Box<dyn StreamOrderedAllocator>,
+    alloc: Arc<dyn StreamOrderedAllocator>,
+    /// The same allocator when it is the core (for the handle API).
+    core: Option<Arc<StreamAlloc<Arc<SimDriver>>>>,
     sim: Arc<SimDriver>,
     /// `streams[d][i]`: `i == 0` is the null stream.
     streams: Vec<Vec<UsageStream>>,
+    /// Streams the program destroyed (for `Op::BadRecord`).
+    dead: Vec<UsageStream>,
 }
 
 impl Side {
-    fn new(alloc: Box<dyn StreamOrderedAllocator>, sim: Arc<SimDriver>) -> Self {
+    fn core_side(alloc: StreamAlloc<Arc<SimDriver>>, sim: Arc<SimDriver>) -> Self {
+        let core = Arc::new(alloc);
+        let mut side = Side::new(core.clone(), sim);
+        side.core = Some(core);
+        side
+    }
+
+    fn new(alloc: Arc<dyn StreamOrderedAllocator>, sim: Arc<SimDriver>) -> Self {
         let streams = (0..FUZZ_DEVICES)
             .map(|d| {
                 let mut v = vec![UsageStream::new(Stream::NULL, d)];
@@ -275,7 +358,7 @@ impl Side {
                 v
             })
             .collect();
-        Side { alloc, sim, streams }
+        Side { alloc, core: None, sim, streams, dead: Vec::new() }
     }
 
     /// The lock-free core without its front cache: every call reaches the driver, as in
@@ -283,7 +366,7 @@ impl Side {
     fn core() -> Self {
         let sim = Arc::new(SimDriver::with_devices(FUZZ_DEVICES, FUZZ_CAPACITY));
         let cache = crate::CacheConfig::passthrough();
-        Side::new(Box::new(StreamAlloc::with_config(sim.clone(), FUZZ_DEVICES, cache)), sim)
+        Side::core_side(StreamAlloc::with_config(sim.clone(), FUZZ_DEVICES, cache), sim)
     }
 
     /// The lock-free core as shipped (front cache on, a small cache budget so trimming
@@ -291,12 +374,12 @@ impl Side {
     fn cached() -> Self {
         let sim = Arc::new(SimDriver::with_devices(FUZZ_DEVICES, FUZZ_CAPACITY));
         let cache = crate::CacheConfig::default().with_max_bytes_per_device(8 << 20);
-        Side::new(Box::new(StreamAlloc::with_config(sim.clone(), FUZZ_DEVICES, cache)), sim)
+        Side::core_side(StreamAlloc::with_config(sim.clone(), FUZZ_DEVICES, cache), sim)
     }
 
     fn replica() -> Self {
         let sim = Arc::new(SimDriver::with_devices(FUZZ_DEVICES, FUZZ_CAPACITY));
-        Side::new(Box::new(SeedReplica::with_device_count(sim.clone(), FUZZ_DEVICES)), sim)
+        Side::new(Arc::new(SeedReplica::with_device_count(sim.clone(), FUZZ_DEVICES)), sim)
     }
 
     fn name(&self) -> &'static str {
@@ -360,6 +443,10 @@ struct Interp {
     capture_seq: u64,
     /// Pool access granted: (owner, accessor).
     peer: Vec<(Device, Device)>,
+    /// Driver faults are injected: calls may fail. `Op::DestroyStream` does nothing then
+    /// (a failed trial free of `cache_info` keeps its block for a later free on the
+    /// caller's stream), and `Op::Handle` tolerates failures and retries failed frees.
+    faults: bool,
     step: usize,
 }
 
@@ -388,6 +475,7 @@ impl Interp {
             capture: None,
             capture_seq: 0,
             peer: Vec::new(),
+            faults: false,
             step: 0,
         }
     }
@@ -771,6 +859,248 @@ impl Interp {
                     side.sim.set_sticky_error(device, CUDA_ERROR_UNKNOWN);
                 }
             }
+            Op::BadRecord { slot, kind } => self.bad_record(slot, kind)?,
+            Op::DestroyStream { stream } => self.destroy_stream(stream)?,
+            Op::Handle { device, size, stream, ref steps, free } => {
+                let sid = (device as usize % FUZZ_DEVICES, stream as usize % STREAMS_PER_DEVICE);
+                if self.capture.is_none() {
+                    for i in 0..self.sides.len() {
+                        self.handle(i, sid, size.bytes(), steps, free)?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// `Op::BadRecord`: refused on every side, the block unchanged.
+    fn bad_record(&mut self, slot: u8, kind: u8) -> Result<(), String> {
+        if self.slots.is_empty() {
+            return Ok(());
+        }
+        let t = slot as usize % self.slots.len();
+        let before = self.slots[t].clone();
+        let other = (before.device + 1) % FUZZ_DEVICES;
+        for (i, s) in self.sides.iter().enumerate() {
+            let p = before.ptrs[i];
+            let bad = match kind % 4 {
+                0 => {
+                    UsageStream::new(Stream::simulated(0xbad0_0000 + slot as usize), before.device)
+                }
+                1 => match s.dead.get(slot as usize % s.dead.len().max(1)) {
+                    Some(&dead) => dead,
+                    None => continue,
+                },
+                2 => {
+                    UsageStream::new(s.streams[other][1 + kind as usize % 2].stream, before.device)
+                }
+                _ => UsageStream::new(Stream::NULL, FUZZ_DEVICES + kind as usize % 3),
+            };
+            let snap_before = s.alloc.snapshot();
+            match s.alloc.record_stream(p, bad) {
+                Err(Error::InvalidStream { .. }) | Err(Error::InvalidDevice { .. }) => {}
+                other => {
+                    return Err(self.fail(format!(
+                        "{}: record_stream({p}, {bad:?}) of an unusable stream gave {other:?}",
+                        s.name()
+                    )));
+                }
+            }
+            if s.alloc.snapshot() != snap_before {
+                return Err(
+                    self.fail(format!("{}: a refused record_stream changed state", s.name()))
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// `Op::DestroyStream`: destroys and replaces a created stream no block names.
+    fn destroy_stream(&mut self, sel: u8) -> Result<(), String> {
+        if self.faults || self.capture.is_some() {
+            return Ok(());
+        }
+        let created = STREAMS_PER_DEVICE - 1;
+        let k = sel as usize % (FUZZ_DEVICES * created);
+        let sid: StreamId = (k / created, 1 + k % created);
+        for (i, s) in self.sides.iter().enumerate() {
+            let us = self.us(i, sid);
+            let named = s
+                .alloc
+                .snapshot()
+                .iter()
+                .any(|b| b.creation_stream == us || b.recorded_streams.contains(&us));
+            if named {
+                return Ok(());
+            }
+        }
+        for i in 0..self.sides.len() {
+            let us = self.us(i, sid);
+            let side = &mut self.sides[i];
+            side.sim.destroy_stream(us).map_err(|e| format!("destroying {us:?}: {e}"))?;
+            side.dead.push(us);
+            side.streams[sid.0][sid.1] =
+                side.sim.new_usage_stream(sid.0).map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// A pointer-API free that, with faults injected, is retried a few times (each
+    /// injected fault fails one call).
+    fn free_retrying(&self, alloc: &dyn StreamOrderedAllocator, p: DevicePtr) -> crate::Result<()> {
+        let mut r = alloc.free(p);
+        for _ in 0..8 {
+            if r.is_ok() || !self.faults {
+                break;
+            }
+            r = alloc.free(p);
+        }
+        r
+    }
+
+    /// `Op::Handle` on a side without handles (the replica): the same driver work
+    /// through the pointer API, so the sides' pools stay alike for the differential
+    /// comparison (the pointer-API free of the handle's block is left out).
+    fn handle_emulated(
+        &self,
+        i: usize,
+        sid: StreamId,
+        size: usize,
+        steps: &[HandleStep],
+    ) -> Result<(), String> {
+        let side = &self.sides[i];
+        let name = side.name();
+        let creation = self.us(i, sid);
+        let Ok(p) = side.alloc.malloc(sid.0, size, creation.stream) else { return Ok(()) };
+        let mut recorded = vec![creation];
+        let fail = |what: &str, e: Error| self.fail(format!("{name}: emulated handle {what}: {e}"));
+        for step in steps {
+            match *step {
+                HandleStep::Record { stream } | HandleStep::PtrRecord { stream } => {
+                    let us = self.us(i, stream_any(stream));
+                    let skip = matches!(step, HandleStep::Record { .. }) && us == creation;
+                    if skip || p.is_null() {
+                        continue;
+                    }
+                    match side.alloc.record_stream(p, us) {
+                        Ok(()) if us != creation => recorded.push(us),
+                        Ok(()) => {}
+                        Err(_) if self.faults => {}
+                        Err(e) => return Err(fail("record", e)),
+                    }
+                }
+                HandleStep::PtrFree => {}
+                HandleStep::Use { stream } => {
+                    let us = recorded[stream as usize % recorded.len()];
+                    if us.device == sid.0 && !p.is_null() {
+                        side.sim.launch(us, &[p]).map_err(|e| self.fail(format!("{name}: {e}")))?;
+                    }
+                }
+                HandleStep::PtrAllocFree { size } => {
+                    if let Ok(q) = side.alloc.malloc(sid.0, size.bytes(), creation.stream) {
+                        self.free_retrying(&*side.alloc, q).map_err(|e| fail("free", e))?;
+                    }
+                }
+            }
+        }
+        self.free_retrying(&*side.alloc, p).map_err(|e| fail("final free", e))
+    }
+
+    /// `Op::Handle` on side `i` (a core side; others emulate it).
+    fn handle(
+        &self,
+        i: usize,
+        sid: StreamId,
+        size: usize,
+        steps: &[HandleStep],
+        free: bool,
+    ) -> Result<(), String> {
+        let side = &self.sides[i];
+        let Some(core) = side.core.as_deref() else {
+            return self.handle_emulated(i, sid, size, steps);
+        };
+        let name = side.name();
+        let creation = self.us(i, sid);
+        let block = match core.allocate(sid.0, size, creation.stream) {
+            Ok(b) => b,
+            Err(_) => return Ok(()), // out of memory and the like: nothing to hold
+        };
+        let p = block.ptr();
+        let mut recorded = vec![creation];
+        for step in steps {
+            match *step {
+                HandleStep::Record { stream } => {
+                    let us = self.us(i, stream_any(stream));
+                    if us == creation {
+                        continue;
+                    }
+                    match block.record_stream(us) {
+                        Ok(()) => recorded.push(us),
+                        Err(_) if self.faults => {}
+                        Err(e) => {
+                            return Err(
+                                self.fail(format!("{name}: handle record_stream({us:?}): {e}"))
+                            );
+                        }
+                    }
+                }
+                HandleStep::PtrFree => {
+                    if p.is_null() || !CHECK_HANDLE_OWNERSHIP {
+                        continue;
+                    }
+                    if core.free(p).is_ok() {
+                        return Err(self.fail(format!(
+                            "{name}: the pointer API freed {p}, a block a live handle owns"
+                        )));
+                    }
+                }
+                HandleStep::PtrRecord { stream } => {
+                    let us = self.us(i, stream_any(stream));
+                    if core.record_stream(p, us).is_ok() && us != creation && !p.is_null() {
+                        recorded.push(us);
+                    }
+                }
+                HandleStep::Use { stream } => {
+                    let us = recorded[stream as usize % recorded.len()];
+                    if us.device == sid.0 && !p.is_null() {
+                        side.sim
+                            .launch(us, &[p])
+                            .map_err(|e| self.fail(format!("{name}: launch: {e}")))?;
+                    }
+                }
+                HandleStep::PtrAllocFree { size } => {
+                    if let Ok(q) = core.malloc(sid.0, size.bytes(), creation.stream) {
+                        if !q.is_null() && q == p {
+                            return Err(self.fail(format!(
+                                "{name}: malloc handed out {q}, the live handle's block"
+                            )));
+                        }
+                        self.free_retrying(core, q)
+                            .map_err(|e| self.fail(format!("{name}: free: {e}")))?;
+                    }
+                }
+            }
+        }
+        let freed = if free {
+            block.free()
+        } else {
+            drop(block);
+            Ok(())
+        };
+        match freed {
+            Ok(()) => {}
+            // A failed free leaves the block in the map: the pointer API frees it.
+            Err(_) if self.faults => {
+                self.free_retrying(core, p).map_err(|e| self.fail(format!("{name}: {e}")))?
+            }
+            Err(e) => return Err(self.fail(format!("{name}: Block::free: {e}"))),
+        }
+        if self.faults && core.snapshot().iter().any(|b| b.ptr == p) {
+            // A dropped handle's failed free (logged by the drop) is cleaned up the same way.
+            self.free_retrying(core, p).map_err(|e| self.fail(format!("{name}: {e}")))?;
+        }
+        if !p.is_null() && core.snapshot().iter().any(|b| b.ptr == p) {
+            return Err(self.fail(format!("{name}: the handle's block outlived the handle")));
         }
         Ok(())
     }
@@ -1009,6 +1339,7 @@ pub fn run_faults(ops: &[Op], faults: &[Fault]) -> Result<(), String> {
             sim.fail_nth(f.sim_op(), f.nth as u64, f.code());
         }
         let mut interp = Interp::new(vec![side], false);
+        interp.faults = true;
         for op in ops {
             interp.step += 1;
             interp.apply(op).map_err(|e| format!("{name}: {e}\n  op: {op:?}"))?;
@@ -1134,15 +1465,24 @@ pub fn run_c_abi(ops: &[CAbiOp]) -> Result<(), String> {
     let streams: Vec<UsageStream> = (0..FUZZ_DEVICES)
         .map(|d| sim.new_usage_stream(d).map_err(|e| e.to_string()))
         .collect::<Result<_, _>>()?;
-    let stream_of = |sel: u64| -> CudaStream {
+    // A stream of this program's that it destroyed (issue 13: never usable again).
+    let dead = sim.new_usage_stream(0).map_err(|e| e.to_string())?;
+    sim.destroy_stream(dead).map_err(|e| e.to_string())?;
+    // Selector -> (handle, the device it is a stream of: None for garbage or destroyed,
+    // Some(usize::MAX) for the null stream, which is every device's).
+    let pick = |sel: u64| -> (CudaStream, Option<usize>) {
         match sel % 8 {
-            0 => std::ptr::null_mut(),
+            0 => (std::ptr::null_mut(), Some(usize::MAX)),
             k if (k as usize) <= streams.len() => {
-                streams[k as usize - 1].stream.as_raw() as CudaStream
+                let us = streams[k as usize - 1];
+                (us.stream.as_raw() as CudaStream, Some(us.device))
             }
-            _ => sel as usize as CudaStream,
+            3 => (dead.stream.as_raw() as CudaStream, None),
+            4 => (Stream::simulated(sel as usize >> 3).as_raw() as CudaStream, None),
+            _ => (sel as usize as CudaStream, None),
         }
     };
+    let stream_of = |sel: u64| pick(sel).0;
     let code = streamalloc_last_error_code;
     let no_panic = |what: &str| -> Result<(), String> {
         if code() == 5 {
@@ -1191,10 +1531,21 @@ pub fn run_c_abi(ops: &[CAbiOp]) -> Result<(), String> {
                 let p = held
                     .get(slot as usize % held.len().max(1))
                     .map_or(std::ptr::null_mut(), |h| h.0);
-                let c = streamalloc_record_stream_on(p, stream_of(stream), device);
+                let (handle, belongs) = pick(stream);
+                let c = streamalloc_record_stream_on(p, handle, device);
                 no_panic("record_stream").map_err(at)?;
                 if c != code() {
                     return Err(at(format!("returned {c}, last error {}", code())));
+                }
+                // Issue 13, defect 1: an unusable stream or device is refused at the door,
+                // a usable one on a held pointer is accepted.
+                let dev = usize::try_from(device).ok().filter(|&d| d < FUZZ_DEVICES);
+                let usable = dev.is_some_and(|d| belongs == Some(usize::MAX) || belongs == Some(d));
+                if !p.is_null() && usable != (c == 0) {
+                    return Err(at(format!(
+                        "record_stream_on of a {} stream returned {c}",
+                        if usable { "usable" } else { "unusable" }
+                    )));
                 }
             }
             CAbiOp::BaseAlloc { slot, null_size } if !held.is_empty() => {

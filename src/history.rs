@@ -346,7 +346,9 @@ impl History {
                     device: (w[0] >> 32) as Device,
                     addr: w[1],
                     size: w[2],
-                    stream: Stream::from_raw(w[3] as usize),
+                    // Safety: the word was written from a `Stream` this allocator was
+                    // given (`note`): the handle is handed back as it came in.
+                    stream: unsafe { Stream::from_raw(w[3] as usize) },
                     time_ns: w[4],
                     context: w[5],
                 })

@@ -277,6 +277,7 @@ impl<D: Driver> StreamOrderedAllocator for SeedReplica<D> {
         if ptr.is_null() {
             return Ok(());
         }
+        crate::api::check_stream(&self.driver, self.device_count, stream)?;
         let mut st = self.lock();
         let Some(info) = st.ptr_info.get_mut(&ptr.as_raw()) else {
             return Err(self.unknown_or_double_free(&st, ptr));
@@ -384,7 +385,8 @@ impl<D: Driver> StreamOrderedAllocator for SeedReplica<D> {
         Ok(())
     }
 
-    fn begin_capture(&self, _device: Device) -> Result<()> {
+    fn begin_capture(&self, device: Device) -> Result<()> {
+        self.assert_valid_device(device)?;
         let mut st = self.lock();
         // The seed asserts the set is empty before checking for a capture underway, so
         // a second begin during a capture that freed something trips the assert; here it

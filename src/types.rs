@@ -11,17 +11,48 @@ pub type Device = usize;
 ///
 /// `Stream::NULL` is the legacy default stream of whatever device it is used on, as in
 /// CUDA; the allocator always pairs a stream with its device ([`UsageStream`]).
+///
+/// A `Stream` is a cheap `Copy` handle that does not own the stream. Safe code gets one
+/// only from a driver ([`crate::Driver::create_stream`]), as [`Stream::NULL`], or as a
+/// [simulated](Stream::simulated) handle that the CUDA backend refuses; making one from
+/// an arbitrary address is `unsafe` ([`Stream::from_raw`]), because the CUDA backend
+/// hands it to the driver, which dereferences it.
 #[repr(transparent)]
 #[derive(Copy, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub struct Stream(usize);
+
+/// The bit that marks a [simulated](Stream::simulated) stream handle: never set in a
+/// user-space address, so never in a real `CUstream`.
+pub const SIMULATED_STREAM_TAG: usize = 1 << (usize::BITS - 1);
 
 impl Stream {
     /// The legacy default stream (handle 0).
     pub const NULL: Stream = Stream(0);
 
     /// Wraps a raw handle (for example a `cudaStream_t` cast to `usize`).
-    pub const fn from_raw(raw: usize) -> Self {
+    ///
+    /// # Safety
+    /// If the stream is ever given to the CUDA backend ([`crate::cuda::CudaDriver`], or
+    /// an allocator over it), `raw` must be 0, `CU_STREAM_LEGACY`, `CU_STREAM_PER_THREAD`
+    /// or a live `CUstream` of this process, and stay live while any copy of the
+    /// returned handle is used with that backend. Handles used only with the simulated
+    /// or null drivers may be any value (prefer [`Stream::simulated`] there: it is safe).
+    pub const unsafe fn from_raw(raw: usize) -> Self {
         Stream(raw)
+    }
+
+    /// A handle for the simulated and null drivers: `n` with
+    /// [`SIMULATED_STREAM_TAG`] set. The CUDA backend refuses it
+    /// (`CUDA_ERROR_INVALID_HANDLE`) without passing it to the driver, so it is safe to
+    /// make from any number (for example a garbage handle in a test). `simulated(0)` is
+    /// not the null stream.
+    pub const fn simulated(n: usize) -> Self {
+        Stream(n | SIMULATED_STREAM_TAG)
+    }
+
+    /// Whether this is a [simulated](Stream::simulated) handle.
+    pub const fn is_simulated(self) -> bool {
+        self.0 & SIMULATED_STREAM_TAG != 0
     }
 
     /// The raw handle.
@@ -84,20 +115,40 @@ impl fmt::Display for DevicePtr {
     }
 }
 
-/// A CUDA event handle (`CUevent`), carried as its address.
-#[repr(transparent)]
-#[derive(Copy, Clone, PartialEq, Eq, Hash, Debug)]
-pub struct Event(usize);
+/// A CUDA event handle (`CUevent`), carried as its address, owned by whoever holds it:
+/// not `Copy` or `Clone`, so an event given back to the driver
+/// ([`crate::Driver::destroy_event`], which takes it by value) cannot be used again.
+///
+/// It remembers which driver made it: the CUDA backend accepts only its own events
+/// (those it returned from `record_event`), so an event made by [`Event::from_raw`], or
+/// by another driver, never reaches the CUDA driver; making one from a number is
+/// therefore safe. The simulated and null drivers go by the number alone.
+#[derive(PartialEq, Eq, Hash, Debug)]
+pub struct Event {
+    raw: usize,
+    /// The id of the driver instance that made it (0: none, a foreign handle).
+    origin: u64,
+}
 
 impl Event {
-    /// Wraps a raw handle.
+    /// Wraps a raw handle as a foreign event (the CUDA backend refuses it).
     pub const fn from_raw(raw: usize) -> Self {
-        Event(raw)
+        Event { raw, origin: 0 }
+    }
+
+    /// An event made by the driver instance `origin` (non-zero).
+    pub(crate) const fn made_by(raw: usize, origin: u64) -> Self {
+        Event { raw, origin }
+    }
+
+    /// The id of the driver instance that made the event (0 for [`Event::from_raw`]).
+    pub(crate) const fn origin(&self) -> u64 {
+        self.origin
     }
 
     /// The raw handle.
-    pub const fn as_raw(self) -> usize {
-        self.0
+    pub const fn as_raw(&self) -> usize {
+        self.raw
     }
 }
 

@@ -109,7 +109,7 @@ fn replay_one() {
 /// covering (capture with deferred and captured frees, recorded streams, limits, OOM).
 #[test]
 fn hand_written_programs_run_clean() {
-    use streamalloc::fuzzing::{Fault, SizeSel};
+    use streamalloc::fuzzing::{Fault, HandleStep, SizeSel};
     let alloc = |device, size, stream| Op::Alloc { device, size, stream };
     let programs: Vec<Vec<Op>> = vec![
         // Capture: an uncaptured block freed during the capture is deferred; a captured
@@ -167,6 +167,44 @@ fn hand_written_programs_run_clean() {
             alloc(0, SizeSel::Bench(0), 1),
             Op::Free { slot: 0 },
             Op::Free { slot: 0 },
+        ],
+        // Issue 13: unusable streams refused, streams destroyed and replaced, handles
+        // mixed with the pointer API.
+        vec![
+            alloc(0, SizeSel::Bench(2), 1),
+            alloc(1, SizeSel::Small(77), 2),
+            Op::BadRecord { slot: 0, kind: 0 },
+            Op::BadRecord { slot: 1, kind: 2 },
+            Op::BadRecord { slot: 0, kind: 3 },
+            Op::DestroyStream { stream: 1 }, // device 0, stream 2: unused, destroyed
+            Op::DestroyStream { stream: 0 }, // device 0, stream 1: block 0's, kept
+            Op::BadRecord { slot: 0, kind: 1 }, // the destroyed stream
+            alloc(0, SizeSel::Small(5), 2),  // on the replacement stream
+            Op::Use { slot: 2, stream: 2 },
+            Op::Handle {
+                device: 0,
+                size: SizeSel::Bench(1),
+                stream: 1,
+                steps: vec![
+                    HandleStep::Use { stream: 0 },
+                    HandleStep::Record { stream: 2 },
+                    HandleStep::Use { stream: 1 },
+                    HandleStep::PtrRecord { stream: 4 },
+                    HandleStep::PtrFree,
+                    HandleStep::PtrAllocFree { size: SizeSel::Bench(1) },
+                ],
+                free: true,
+            },
+            Op::Handle {
+                device: 1,
+                size: SizeSel::Small(100),
+                stream: 2,
+                steps: vec![HandleStep::PtrFree, HandleStep::Use { stream: 0 }],
+                free: false,
+            },
+            Op::Free { slot: 0 },
+            Op::DestroyStream { stream: 0 },
+            Op::EmptyCache,
         ],
     ];
     for (i, ops) in programs.iter().enumerate() {

@@ -83,7 +83,7 @@ run_tests() {
 run_bad_stream() {
     local bin=$GPU_DIR/bin/gpu-tests log=$OUT/bad-stream.log
     [ -x "$bin" ] || { note bad_stream "skipped (no test binary)"; return; }
-    echo "== bad_stream: malloc on Stream::from_raw(0x1234), in its own process"
+    echo "== bad_stream: malloc and record_stream on Stream::simulated(0x1234), in its own process"
     STREAMALLOC_GPU_REQUIRED=1 STREAMALLOC_GPU_BAD_STREAM=1 RUST_BACKTRACE=1 timeout 120 \
         "$bin" --exact gpu_bad_stream_handle --nocapture --test-threads=1 >"$log" 2>&1
     local rc=$?

@@ -77,6 +77,7 @@ impl ErrorCode {
             | Error::DoubleFree { .. }
             | Error::OwnedByHandle { .. }
             | Error::InvalidDevice { .. }
+            | Error::InvalidStream { .. }
             | Error::InvalidFraction { .. } => ErrorCode::InvalidArgument,
             Error::CaptureAlreadyUnderway | Error::NoCaptureUnderway => ErrorCode::Capture,
             Error::Driver(_) => ErrorCode::Driver,
@@ -282,7 +283,10 @@ fn device(a: &StreamAlloc<Arc<dyn Driver>>, device: c_int) -> Result<Device, Fai
 }
 
 fn stream(s: CudaStream) -> Stream {
-    Stream::from_raw(s as usize)
+    // Safety: the header's contract: a C caller passes null or a live `cudaStream_t`
+    // (of the device it names) for as long as the allocator may use it, or, with the
+    // simulated backend, a handle that backend made.
+    unsafe { Stream::from_raw(s as usize) }
 }
 
 fn dptr(p: *mut c_void) -> DevicePtr {

@@ -270,3 +270,31 @@ fn oom_observer_through_the_c_abi() {
     assert_eq!((hit.0, hit.4), (0, 0x5eed));
     assert!(hit.2 as u64 <= GIB && hit.3 as u64 <= GIB, "total and free of the device: {hit:?}");
 }
+
+/// Issue 13, defect 1 through the C ABI: a stream that does not exist, a destroyed one,
+/// another device's stream named as this device's, and a device that does not exist
+/// are refused at record_stream (invalid argument), and the block is still freed.
+#[test]
+fn record_stream_refuses_unusable_streams() {
+    let sim = setup();
+    let garbage = Stream::simulated(0xdead_0000).as_raw() as CudaStream;
+    let on1 = sim.new_stream(1).unwrap();
+    let gone = sim.new_stream(0).unwrap();
+    sim.destroy_stream(UsageStream::new(gone, 0)).unwrap();
+    let gone = gone.as_raw() as CudaStream;
+    let on1_raw = on1.as_raw() as CudaStream;
+    let p = streamalloc_alloc(4096, 0, std::ptr::null_mut());
+    assert!(!p.is_null(), "{:?}", last_error());
+    let invalid = ErrorCode::InvalidArgument as c_int;
+    for (stream, device) in [(garbage, 0), (gone, 0), (on1_raw, 0), (std::ptr::null_mut(), 2)] {
+        assert_eq!(streamalloc_record_stream_on(p, stream, device), invalid, "{stream:?} {device}");
+    }
+    // The plain hook takes the pointer's device (0): device 1's stream is refused.
+    for stream in [garbage, gone, on1_raw] {
+        streamalloc_record_stream(p, stream);
+        assert_eq!(streamalloc_last_error_code(), invalid, "{stream:?}: {:?}", last_error());
+    }
+    assert_eq!(streamalloc_record_stream_on(p, on1_raw, 1), 0, "{:?}", last_error());
+    streamalloc_free(p, 4096, 0, std::ptr::null_mut());
+    assert_eq!(streamalloc_last_error_code(), 0, "{:?}", last_error());
+}

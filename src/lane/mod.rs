@@ -99,6 +99,12 @@ macro_rules! forward_driver {
         ) -> $crate::driver::DriverResult<$crate::types::Stream> {
             self.$inner().create_stream(device)
         }
+        fn check_stream(
+            &self,
+            stream: $crate::types::UsageStream,
+        ) -> $crate::driver::DriverResult<()> {
+            self.$inner().check_stream(stream)
+        }
         #[inline]
         fn check_last_error(
             &self,
@@ -149,14 +155,14 @@ macro_rules! forward_driver {
         fn stream_wait_event(
             &self,
             stream: $crate::types::UsageStream,
-            event: $crate::types::Event,
+            event: &$crate::types::Event,
         ) -> $crate::driver::DriverResult<()> {
             self.$inner().stream_wait_event(stream, event)
         }
         fn event_query(
             &self,
             device: $crate::types::Device,
-            event: $crate::types::Event,
+            event: &$crate::types::Event,
         ) -> $crate::driver::DriverResult<bool> {
             self.$inner().event_query(device, event)
         }

@@ -76,6 +76,8 @@
 //! - a use of memory that is not live, is idle in the allocator's cache, lies past the
 //!   end of its block, or belongs to another device without pool access;
 //! - a stream used with a device it does not belong to (`CUDA_ERROR_INVALID_HANDLE`);
+//!   ([`Driver::check_stream`] answers the same error without a report: it is a
+//!   question, not a use);
 //! - a device-to-device copy between devices without pool access
 //!   (`CUDA_ERROR_INVALID_VALUE`).
 //!
@@ -111,8 +113,7 @@ use crate::types::{
 use state::State;
 use std::sync::{Mutex, MutexGuard};
 
-/// CUDA's `CUDA_ERROR_INVALID_DEVICE`.
-pub const CUDA_ERROR_INVALID_DEVICE: i32 = 101;
+pub use crate::error::CUDA_ERROR_INVALID_DEVICE;
 /// CUDA's `CUDA_ERROR_ILLEGAL_STATE` (for example a capture begun twice on a stream).
 pub const CUDA_ERROR_ILLEGAL_STATE: i32 = 401;
 /// CUDA's `CUDA_ERROR_STREAM_CAPTURE_UNMATCHED` (capture ended on another stream).
@@ -327,7 +328,17 @@ impl SimDriver {
         self.lock().ops_on(stream)
     }
 
-    /// The device a created stream belongs to (`None` for null or unknown handles).
+    /// Destroys a stream made by [`Self::new_stream`] or [`Driver::create_stream`]
+    /// (`cuStreamDestroy`): its handle is unknown from now on, so every later use of it
+    /// fails with `CUDA_ERROR_INVALID_HANDLE`. Work already enqueued on it is kept (and
+    /// completes when the host synchronizes everything). The null stream cannot be
+    /// destroyed (`CUDA_ERROR_INVALID_HANDLE`).
+    pub fn destroy_stream(&self, stream: UsageStream) -> DriverResult<()> {
+        self.lock().destroy_stream(stream)
+    }
+
+    /// The device a created stream belongs to (`None` for null, unknown or destroyed
+    /// handles).
     pub fn stream_device(&self, stream: Stream) -> Option<Device> {
         self.lock().stream_device(stream)
     }
@@ -499,7 +510,7 @@ impl SimDriver {
     }
 
     /// Whether an event's work has not completed yet (`None`: no such event).
-    pub fn event_pending(&self, event: Event) -> Option<bool> {
+    pub fn event_pending(&self, event: &Event) -> Option<bool> {
         self.lock().event_pending(event)
     }
 }
@@ -519,6 +530,10 @@ impl Driver for SimDriver {
 
     fn create_stream(&self, device: Device) -> DriverResult<Stream> {
         self.lock().create_stream(device)
+    }
+
+    fn check_stream(&self, stream: UsageStream) -> DriverResult<()> {
+        self.lock().check_stream(stream)
     }
 
     fn check_last_error(&self, device: Device) -> DriverResult<()> {
@@ -568,11 +583,11 @@ impl Driver for SimDriver {
         self.lock().record_event(stream)
     }
 
-    fn stream_wait_event(&self, stream: UsageStream, event: Event) -> DriverResult<()> {
+    fn stream_wait_event(&self, stream: UsageStream, event: &Event) -> DriverResult<()> {
         self.lock().stream_wait_event(stream, event)
     }
 
-    fn event_query(&self, device: Device, event: Event) -> DriverResult<bool> {
+    fn event_query(&self, device: Device, event: &Event) -> DriverResult<bool> {
         self.lock().event_query(device, event)
     }
 

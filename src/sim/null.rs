@@ -85,7 +85,13 @@ impl Driver for NullDriver {
     fn create_stream(&self, device: Device) -> DriverResult<Stream> {
         self.check("cuStreamCreate", device)?;
         // Relaxed: only uniqueness matters.
-        Ok(Stream::from_raw(self.next_stream.fetch_add(0x100, Ordering::Relaxed)))
+        Ok(Stream::simulated(self.next_stream.fetch_add(0x100, Ordering::Relaxed)))
+    }
+
+    /// Only the device is checked: the null driver keeps no record of streams (its
+    /// users name streams freely) and never dereferences a handle.
+    fn check_stream(&self, stream: UsageStream) -> DriverResult<()> {
+        self.check("cuStreamGetDevice", stream.device)
     }
 
     fn check_last_error(&self, device: Device) -> DriverResult<()> {
@@ -163,11 +169,11 @@ impl Driver for NullDriver {
         Ok(Event::from_raw(e))
     }
 
-    fn stream_wait_event(&self, stream: UsageStream, _: Event) -> DriverResult<()> {
+    fn stream_wait_event(&self, stream: UsageStream, _: &Event) -> DriverResult<()> {
         self.check("cuStreamWaitEvent", stream.device)
     }
 
-    fn event_query(&self, device: Device, _: Event) -> DriverResult<bool> {
+    fn event_query(&self, device: Device, _: &Event) -> DriverResult<bool> {
         self.check("cuEventQuery", device)?;
         Ok(true)
     }

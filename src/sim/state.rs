@@ -245,10 +245,10 @@ impl State {
     }
 
     fn new_handle(&mut self, device: Device) -> Stream {
-        let handle = self.next_handle;
+        let handle = Stream::simulated(self.next_handle).as_raw();
         self.next_handle += STREAM_STEP;
         self.add_stream(handle, device);
-        Stream::from_raw(handle)
+        Stream::simulated(handle)
     }
 
     /// Resolves a stream used with `us.device` (the null stream is per device).
@@ -483,6 +483,30 @@ impl State {
         Ok(self.new_handle(d))
     }
 
+    pub(crate) fn check_stream(&self, us: UsageStream) -> DriverResult<()> {
+        let name = "cuStreamGetDevice";
+        self.check_device_named(name, us.device)?;
+        if us.stream.is_null() {
+            return Ok(());
+        }
+        match self.handles.get(&us.stream.as_raw()) {
+            Some(&sid) if self.streams[sid].device == us.device => Ok(()),
+            _ => Err(named_err(name, CUDA_ERROR_INVALID_HANDLE)),
+        }
+    }
+
+    pub(crate) fn destroy_stream(&mut self, us: UsageStream) -> DriverResult<()> {
+        let name = "cuStreamDestroy";
+        self.check_device_named(name, us.device)?;
+        match self.handles.get(&us.stream.as_raw()) {
+            Some(&sid) if !us.stream.is_null() && self.streams[sid].device == us.device => {
+                self.handles.remove(&us.stream.as_raw());
+                Ok(())
+            }
+            _ => Err(named_err(name, CUDA_ERROR_INVALID_HANDLE)),
+        }
+    }
+
     pub(crate) fn check_last_error(&mut self, d: Device) -> DriverResult<()> {
         self.enter(SimOp::CheckLastError, Some(d))?;
         match self.devices[d].sticky.take() {
@@ -663,7 +687,7 @@ impl State {
         Ok(Event::from_raw(handle))
     }
 
-    pub(crate) fn stream_wait_event(&mut self, us: UsageStream, event: Event) -> DriverResult<()> {
+    pub(crate) fn stream_wait_event(&mut self, us: UsageStream, event: &Event) -> DriverResult<()> {
         let op = SimOp::StreamWaitEvent;
         self.enter(op, Some(us.device))?;
         let sid = self.stream(op, us)?;
@@ -694,7 +718,7 @@ impl State {
         Ok(())
     }
 
-    pub(crate) fn event_query(&mut self, d: Device, event: Event) -> DriverResult<bool> {
+    pub(crate) fn event_query(&mut self, d: Device, event: &Event) -> DriverResult<bool> {
         let op = SimOp::EventQuery;
         self.enter(op, Some(d))?;
         let ev =
@@ -1116,7 +1140,7 @@ impl State {
         self.events.len()
     }
 
-    pub(crate) fn event_pending(&self, event: Event) -> Option<bool> {
+    pub(crate) fn event_pending(&self, event: &Event) -> Option<bool> {
         self.events.get(&event.as_raw()).map(|e| self.host_done.get(e.stream) < e.tick)
     }
 }

@@ -42,7 +42,7 @@ fn name_count_and_bad_devices() {
 #[test]
 fn unknown_stream_and_event_are_invalid_handles() {
     let s = sim();
-    let bogus = Stream::from_raw(0xdead);
+    let bogus = Stream::simulated(0xdead);
     let e = s.malloc_async(0, 8, bogus).unwrap_err();
     assert_eq!(
         (e.code, e.name.as_str(), e.op),
@@ -50,12 +50,13 @@ fn unknown_stream_and_event_are_invalid_handles() {
     );
     assert_eq!(s.record_event(us(bogus, 0)).unwrap_err().code, 400);
     let ev = Event::from_raw(12345);
-    assert_eq!(s.stream_wait_event(us(Stream::NULL, 0), ev).unwrap_err().code, 400);
-    assert_eq!(s.event_query(0, ev).unwrap_err().code, 400);
+    assert_eq!(s.stream_wait_event(us(Stream::NULL, 0), &ev).unwrap_err().code, 400);
+    assert_eq!(s.event_query(0, &ev).unwrap_err().code, 400);
     assert_eq!(s.destroy_event(0, ev).unwrap_err().code, 400);
     let real = s.record_event(us(Stream::NULL, 0)).unwrap();
+    let raw = real.as_raw();
     s.destroy_event(0, real).unwrap();
-    assert_eq!(s.destroy_event(0, real).unwrap_err().code, 400);
+    assert_eq!(s.destroy_event(0, Event::from_raw(raw)).unwrap_err().code, 400);
     s.assert_clean();
 }
 
@@ -223,7 +224,7 @@ fn vector_clocks_are_transitive_through_events() {
     // An event snapshots the clock at record time.
     let ev = s.record_event(a).unwrap();
     s.launch(a, &[]).unwrap();
-    s.stream_wait_event(b, ev).unwrap();
+    s.stream_wait_event(b, &ev).unwrap();
     assert!(!s.happens_before(a, b));
     s.destroy_event(0, ev).unwrap();
     assert_eq!(s.event_count(), 0);
@@ -234,16 +235,16 @@ fn event_query_turns_true_on_host_completion() {
     let s = sim();
     let (a, b) = two_streams(&s);
     let e1 = s.record_event(a).unwrap();
-    assert!(!s.event_query(0, e1).unwrap());
-    assert_eq!(s.event_pending(e1), Some(true));
+    assert!(!s.event_query(0, &e1).unwrap());
+    assert_eq!(s.event_pending(&e1), Some(true));
     // b depends on a: synchronizing b completes a's work up to the event.
-    s.stream_wait_event(b, e1).unwrap();
+    s.stream_wait_event(b, &e1).unwrap();
     let e2 = s.record_event(a).unwrap();
     s.synchronize_stream(b).unwrap();
-    assert!(s.event_query(0, e1).unwrap());
-    assert!(!s.event_query(0, e2).unwrap());
+    assert!(s.event_query(0, &e1).unwrap());
+    assert!(!s.event_query(0, &e2).unwrap());
     s.device_synchronize(0).unwrap();
-    assert!(s.event_query(0, e2).unwrap());
+    assert!(s.event_query(0, &e2).unwrap());
 }
 
 #[test]
@@ -432,7 +433,7 @@ fn capture_misuse_errors() {
     s.begin_capture(other).unwrap();
     let ev = s.record_event(origin).unwrap();
     assert_eq!(
-        s.stream_wait_event(other, ev).unwrap_err().code,
+        s.stream_wait_event(other, &ev).unwrap_err().code,
         CUDA_ERROR_STREAM_CAPTURE_ISOLATION
     );
     s.end_capture(other).unwrap();
@@ -486,8 +487,8 @@ fn synchronize_does_not_complete_captured_work() {
     s.begin_capture(origin).unwrap();
     let during = s.record_event(origin).unwrap();
     s.synchronize_all();
-    assert!(s.event_query(0, before).unwrap());
-    assert!(!s.event_query(0, during).unwrap());
+    assert!(s.event_query(0, &before).unwrap());
+    assert!(!s.event_query(0, &during).unwrap());
     s.end_capture(origin).unwrap();
 }
 

@@ -17,7 +17,11 @@ pub trait BenchDevice: Driver {
     /// Waits until all work on `stream` is done.
     fn sync(&self, stream: UsageStream) -> Result<(), String>;
     /// Gives a stream from [`Self::user_stream`] back.
-    fn release_stream(&self, _stream: UsageStream) {}
+    ///
+    /// # Safety
+    /// No copy of `stream` is used afterwards, and no allocator that may still use it
+    /// (blocks allocated or cached on it) is alive.
+    unsafe fn release_stream(&self, _stream: UsageStream) {}
 }
 
 impl BenchDevice for CudaDriver {
@@ -28,8 +32,9 @@ impl BenchDevice for CudaDriver {
     fn sync(&self, stream: UsageStream) -> Result<(), String> {
         self.stream_synchronize(stream).map_err(|e| e.to_string())
     }
-    fn release_stream(&self, stream: UsageStream) {
-        if let Err(e) = self.destroy_stream(stream) {
+    unsafe fn release_stream(&self, stream: UsageStream) {
+        // Safety: this function's contract is destroy_stream's.
+        if let Err(e) = unsafe { self.destroy_stream(stream) } {
             eprintln!("warning: destroying a bench stream failed: {e}");
         }
     }

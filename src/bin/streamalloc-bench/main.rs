@@ -439,9 +439,11 @@ fn real_main(mut o: Opts) -> Result<(), String> {
     }
     if let (Some(d), Some(streams)) = (&device, &device_streams) {
         for &s in streams {
+            // Safety: every workload made and dropped its own allocators above, so none
+            // that used these streams is alive, and the streams are not used after this.
             match d {
-                DeviceBackend::Cuda(c) => c.release_stream(s),
-                DeviceBackend::Sim(m) => m.release_stream(s),
+                DeviceBackend::Cuda(c) => unsafe { c.release_stream(s) },
+                DeviceBackend::Sim(m) => unsafe { m.release_stream(s) },
             }
         }
     }
