@@ -122,6 +122,8 @@ struct Shard {
     cached: AtomicU64,
     /// One thread at a time in the driver's malloc/free for this device.
     lane: Lane,
+    /// Mallocs retried after a driver out-of-memory (`DeviceStats::alloc_retries`).
+    retries: AtomicU64,
 }
 
 /// State of the capture underway (installed before the odd epoch is published).
@@ -221,6 +223,7 @@ impl<D: Driver> StreamAlloc<D> {
                 init: Mutex::new(()),
                 cached: AtomicU64::new(0),
                 lane: Lane::new(),
+                retries: AtomicU64::new(0),
             })
             .collect();
         StreamAlloc {
@@ -403,6 +406,7 @@ impl<D: Driver> StreamAlloc<D> {
             // what the driver is missing: give them back, retry once.
             let flushed = self.cache.enabled && self.flush_caches(shard).is_ok();
             if self.free_orphans().unwrap_or(false) || flushed {
+                shard.retries.fetch_add(1, Ordering::Relaxed);
                 result = self.driver_malloc(device, alloc_size, stream);
             }
         }
@@ -1034,6 +1038,14 @@ impl<D: Driver> StreamOrderedAllocator for StreamAlloc<D> {
         }
     }
 
+    fn device_of(&self, ptr: DevicePtr) -> Result<(Device, u64)> {
+        match self.blocks.get(&ptr.as_raw()) {
+            Some(b) if !b.free_deferred => Ok((b.device as Device, b.size)),
+            Some(_) => Err(Error::DoubleFree { ptr }),
+            None => Err(self.unknown_or_double_free(ptr)),
+        }
+    }
+
     fn device_stats(&self, device: Device) -> Result<DeviceStats> {
         let shard = self.shard(device)?;
         if shard.unifying.get().is_none() {
@@ -1046,6 +1058,7 @@ impl<D: Driver> StreamOrderedAllocator for StreamAlloc<D> {
             cached_current: cached,
             cache_hits: hits,
             cache_misses: misses,
+            alloc_retries: shard.retries.load(Ordering::Relaxed),
             ..stats
         })
     }
