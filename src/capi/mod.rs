@@ -32,7 +32,7 @@
 //! # Statistics
 //! [`stats`] keeps exact per-device counts of the allocations made through this ABI
 //! (bytes and blocks, current, peak and cumulative; out-of-memory errors), reported with
-//! the pool's figures by [`streamalloc_memory_stats`]: what PyTorch's
+//! the pool's figures by [`streamalloc_device_memory_stats`]: what PyTorch's
 //! `torch.cuda.memory_stats()` shows through the shim.
 
 use crate::api::{DeviceStats, StreamOrderedAllocator};
@@ -58,7 +58,7 @@ pub use config::{
 };
 pub use device::{streamalloc_cache_info_on, streamalloc_enable_peer_access};
 pub use stats::{
-    StreamallocMemoryStats, streamalloc_memory_stats, streamalloc_reset_accumulated_stats,
+    StreamallocMemoryStats, streamalloc_device_memory_stats, streamalloc_reset_accumulated_stats,
 };
 pub use warnings::{WarningHandler, streamalloc_set_warning_handler};
 

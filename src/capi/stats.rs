@@ -117,7 +117,7 @@ impl DeviceCounters {
     }
 }
 
-/// One device's memory statistics for C (`streamalloc_memory_stats` in the header):
+/// One device's memory statistics for C (`streamalloc_device_memory_stats` in the header):
 /// everything PyTorch's `torch.cuda.memory_stats()` reports for the allocator.
 #[repr(C)]
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
@@ -195,14 +195,14 @@ impl StreamallocMemoryStats {
 /// # Safety
 /// `out` is null (an error) or valid for `out_size` bytes of writes.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn streamalloc_memory_stats(
+pub unsafe extern "C" fn streamalloc_device_memory_stats(
     device: std::ffi::c_int,
     out: *mut StreamallocMemoryStats,
     out_size: usize,
 ) -> std::ffi::c_int {
     super::status(|| {
         if out.is_null() {
-            return Err(super::Failure::invalid("streamalloc_memory_stats: out is NULL"));
+            return Err(super::Failure::invalid("streamalloc_device_memory_stats: out is NULL"));
         }
         let g = super::global()?;
         let d = super::device(&g.alloc, device)?;

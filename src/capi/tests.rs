@@ -314,7 +314,8 @@ fn absurd_device_counts_are_refused() {
 fn memory_stats(device: c_int) -> StreamallocMemoryStats {
     let mut s = StreamallocMemoryStats::default();
     // Safety: s is a valid StreamallocMemoryStats of the size passed.
-    let code = unsafe { streamalloc_memory_stats(device, &mut s, std::mem::size_of_val(&s)) };
+    let code =
+        unsafe { streamalloc_device_memory_stats(device, &mut s, std::mem::size_of_val(&s)) };
     assert_eq!(code, 0, "{:?}", last_error());
     s
 }
@@ -349,14 +350,14 @@ fn memory_stats_count_exactly() {
     // A short struct gets its prefix; NULL is refused.
     let mut two = [u64::MAX; 2];
     // Safety: two holds 16 bytes, the size passed.
-    let code = unsafe { streamalloc_memory_stats(0, two.as_mut_ptr().cast(), 16) };
+    let code = unsafe { streamalloc_device_memory_stats(0, two.as_mut_ptr().cast(), 16) };
     assert_eq!(code, 0);
     assert!(two[1] >= two[0], "{two:?}");
     // Safety: NULL must be refused, not written.
-    let code = unsafe { streamalloc_memory_stats(0, std::ptr::null_mut(), 8) };
+    let code = unsafe { streamalloc_device_memory_stats(0, std::ptr::null_mut(), 8) };
     assert_eq!(code, ErrorCode::InvalidArgument as c_int);
     // Safety: as above.
-    let code = unsafe { streamalloc_memory_stats(7, two.as_mut_ptr().cast(), 16) };
+    let code = unsafe { streamalloc_device_memory_stats(7, two.as_mut_ptr().cast(), 16) };
     assert_eq!(code, ErrorCode::InvalidArgument as c_int);
 }
 
