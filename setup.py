@@ -84,6 +84,8 @@ setup(
     version="0.1.0",
     description="streamalloc, a lock-free stream-ordered CUDA allocator, as PyTorch's allocator",
     python_requires=">=3.8",
+    packages=[],  # no discovery: the package is assembled by BuildPy
+    py_modules=[],
     distclass=PlatformDistribution,
     cmdclass={"build_py": BuildPy, "bdist_wheel": Wheel},
     zip_safe=False,

@@ -5,7 +5,7 @@
 mod common;
 
 use common::{NULL, both};
-use streamalloc::{Error, StreamOrderedAllocator};
+use streamalloc::Error;
 
 #[test]
 fn device_of_finds_live_blocks_and_refuses_others() {

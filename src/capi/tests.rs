@@ -276,7 +276,7 @@ fn failures_in_a_pthread_key_destructor_are_reported() {
         // Safety: key is a valid out-pointer; the destructor has the C signature.
         assert_eq!(unsafe { pthread_key_create(&mut key, Some(destructor)) }, 0);
         // Safety: key was created above; a non-null value makes the destructor run.
-        assert_eq!(unsafe { pthread_setspecific(key, 1 as *const c_void) }, 0);
+        assert_eq!(unsafe { pthread_setspecific(key, std::ptr::dangling::<c_void>()) }, 0);
         // Touch the thread's last-error slot so that it exists and is destroyed first.
         assert_eq!(streamalloc_reset_peak_stats(0), 0);
     })

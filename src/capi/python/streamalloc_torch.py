@@ -90,6 +90,7 @@ def _load(path):
         "streamalloc_backend": ([], cp),
         "streamalloc_cache_info_on": ([i, vp, ctypes.POINTER(cs)], i),
         "streamalloc_alloc": ([cs, i, vp], vp),
+        "streamalloc_free": ([vp, cs, i, vp], None),
         "streamalloc_parse_config": ([cp], i),
         "streamalloc_config": ([cp, cs], i),
     }
