@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 TARGET=${CARGO_TARGET_DIR:-target}
 cargo build --release --lib
-rm -rf .gpu/wheel .gpu/tests .gpu/shim_cache
+rm -rf .gpu/wheel .gpu/tests .gpu/shim_cache build ./*.egg-info  # stale build/ would enter the wheel
 mkdir -p .gpu/wheel .gpu/tests
 if ! git check-ignore -q .gpu; then echo '/.gpu/' >>"$(git rev-parse --git-path info/exclude)"; fi
 cp "$TARGET/release/libstreamalloc.so" .gpu/
