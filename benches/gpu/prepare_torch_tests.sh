@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 TARGET=${CARGO_TARGET_DIR:-target}
 cargo build --release --lib
-rm -rf .gpu/wheel .gpu/tests .gpu/shim_cache build ./*.egg-info  # stale build/ would enter the wheel
+rm -rf .gpu/wheel .gpu/tests .gpu/shim_cache build ./*.egg-info src/*.egg-info  # stale build/ would enter the wheel
 mkdir -p .gpu/wheel .gpu/tests
 if ! git check-ignore -q .gpu; then echo '/.gpu/' >>"$(git rev-parse --git-path info/exclude)"; fi
 cp "$TARGET/release/libstreamalloc.so" .gpu/
@@ -19,6 +19,6 @@ strip .gpu/libstreamalloc.so || true
 STREAMALLOC_PREBUILT_LIB=$PWD/.gpu/libstreamalloc.so \
   python3 -m pip wheel --no-deps -w .gpu/wheel . >.gpu/wheel/build.log 2>&1 \
   || { echo "wheel build FAILED:"; tail -20 .gpu/wheel/build.log; exit 1; }
-rm -rf build ./*.egg-info
+rm -rf build ./*.egg-info src/*.egg-info
 cp src/capi/python/test_torch.py .gpu/tests/
 ls -la .gpu .gpu/wheel
