@@ -93,6 +93,11 @@ pub trait StreamOrderedAllocator: Send + Sync {
     /// S10: the base allocation of `ptr` and its size.
     fn base_allocation(&self, ptr: DevicePtr) -> Result<(DevicePtr, u64)>;
 
+    /// The device and size of the live block at `ptr` (one lookup, no scan), for
+    /// callers that get a pointer without its device (PyTorch's plain record-stream
+    /// hook). Unknown pointer or double free: the error `free` would give.
+    fn device_of(&self, ptr: DevicePtr) -> Result<(Device, u64)>;
+
     /// S11: device statistics; zeros for a device not yet used (no context is created).
     fn device_stats(&self, device: Device) -> Result<DeviceStats>;
 

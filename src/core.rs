@@ -133,6 +133,8 @@ pub struct StreamAlloc<D: Driver> {
     warnings: Warnings,
     /// The front cache, when on (`None`: every malloc and free reaches the driver).
     cache: Option<FrontCache>,
+    /// The cache settings asked for (kept when the cache is off).
+    cache_config: CacheConfig,
     /// Allocation history (`src/history.rs`): off unless `record_history` turns it on.
     pub(crate) history: History,
     /// Out-of-memory observers (`src/history.rs`).
@@ -184,6 +186,7 @@ impl<D: Driver> StreamAlloc<D> {
             orphans: SegQueue::new(),
             warnings: Warnings::default(),
             cache: cache.enabled.then(|| FrontCache::new(cache, device_count)),
+            cache_config: cache,
             history: History::default(),
             oom_observers: OomObservers::default(),
         }
@@ -198,7 +201,7 @@ impl<D: Driver> StreamAlloc<D> {
 
     /// The front cache's settings.
     pub fn cache_config(&self) -> CacheConfig {
-        self.cache.as_ref().map_or_else(CacheConfig::passthrough, FrontCache::config)
+        self.cache_config
     }
 
     /// The driver underneath.
@@ -821,6 +824,14 @@ impl<D: Driver> StreamOrderedAllocator for StreamAlloc<D> {
                 }
             }
             guess >>= 1;
+        }
+    }
+
+    fn device_of(&self, ptr: DevicePtr) -> Result<(Device, u64)> {
+        let rec = self.blocks.get(&ptr.as_raw()).map(|r| r.value().clone());
+        match rec {
+            Some(r) if r.state() == LIVE => Ok((r.device(), r.size())),
+            _ => Err(self.unknown_or_double_free(ptr)),
         }
     }
 

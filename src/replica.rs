@@ -364,6 +364,15 @@ impl<D: Driver> StreamOrderedAllocator for SeedReplica<D> {
         }
     }
 
+    fn device_of(&self, ptr: DevicePtr) -> Result<(Device, u64)> {
+        let st = self.lock();
+        match st.ptr_info.get(&ptr.as_raw()) {
+            Some(info) if !info.free_deferred => Ok((info.device as Device, info.size)),
+            Some(_) => Err(Error::DoubleFree { ptr }),
+            None => Err(self.unknown_or_double_free(&st, ptr)),
+        }
+    }
+
     fn device_stats(&self, device: Device) -> Result<DeviceStats> {
         self.assert_valid_device(device)?;
         let st = self.lock();

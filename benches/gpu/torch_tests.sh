@@ -1,24 +1,35 @@
 #!/usr/bin/env bash
 # GPU host, from the repository root with the carried .gpu/ folder (made by
-# benches/gpu/prepare_torch_tests.sh): builds the PyTorch shim (cached in .gpu/),
-# runs src/capi/python/test_torch.py's tests in subprocesses (native, cudaMallocAsync,
-# streamalloc) and writes torch_tests.log / torch_tests.json to $OUT.
+# benches/gpu/prepare_torch_tests.sh): installs the streamalloc_torch wheel the way a user
+# would (pip, offline, into .gpu/site so the host's Python stays as it is), builds the
+# PyTorch shim (cached in .gpu/shim_cache), runs test_torch.py's tests in subprocesses
+# (native, cudaMallocAsync, streamalloc) and writes torch_tests.log / torch_tests.json to
+# $OUT. TESTS=a,b limits the tests (default: all; the 2-GPU ones skip on one GPU).
+# The last lines are the table; "N passed (S skipped), 0 failed" means success.
 set -uo pipefail
-GPU=${GPU_DIR:-$PWD/.gpu}
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+GPU=${GPU_DIR:-$ROOT/.gpu}
 OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT"
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
   python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 } 2>&1 | tee "$OUT/torch_env.txt"
-export STREAMALLOC_LIB="$GPU/libstreamalloc.so"
-export STREAMALLOC_SHIM_SRC="$GPU/torch_shim.cpp"
+rm -rf "$GPU/site"
+python3 -m pip install --no-deps --no-index --target "$GPU/site" "$GPU"/wheel/streamalloc_torch-*.whl \
+  >"$OUT/pip_install.log" 2>&1 || { echo "pip install FAILED"; cat "$OUT/pip_install.log"; exit 1; }
+export PYTHONPATH="$GPU/site${PYTHONPATH:+:$PYTHONPATH}"
+unset STREAMALLOC_LIB STREAMALLOC_SHIM_SRC
 export STREAMALLOC_SHIM_CACHE="$GPU/shim_cache"
 export STREAMALLOC_VERBOSE=1
 if [ -z "${CUDA_HOME:-}" ] && command -v nvcc >/dev/null; then
   CUDA_HOME=$(dirname "$(dirname "$(command -v nvcc)")"); export CUDA_HOME
 fi
-# Build the shim once, up front, so a build failure is reported on its own.
-python3 -c "import sys; sys.path.insert(0, '$GPU'); import streamalloc_torch as s; s._load(s._find_lib(None)); s._build_shim(); print('shim built')" \
-  > "$OUT/shim_build.log" 2>&1 || { echo "shim build FAILED"; tail -50 "$OUT/shim_build.log"; }
-python3 "$GPU/test_torch.py" --out "$OUT"
+# Import the installed package and build the shim once, up front, so that a build
+# failure is reported on its own.
+python3 -c "import streamalloc_torch as s; print('package:', s.__file__); s._load(s._find_lib(None)); s._build_shim(); print('shim built; config', s.config())" \
+  >"$OUT/shim_build.log" 2>&1 || { echo "shim build FAILED"; tail -50 "$OUT/shim_build.log"; }
+head -1 "$OUT/shim_build.log"
+ARGS=(--out "$OUT")
+[ -n "${TESTS:-}" ] && ARGS+=(--tests "$TESTS")
+python3 "$GPU/tests/test_torch.py" "${ARGS[@]}"

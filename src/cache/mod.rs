@@ -174,10 +174,6 @@ impl FrontCache {
         }
     }
 
-    pub(crate) fn config(&self) -> CacheConfig {
-        self.config
-    }
-
     /// The size to ask of the driver for a block of `size` that may be cached later.
     #[inline]
     pub(crate) fn alloc_size(size: u64) -> u64 {

@@ -26,7 +26,14 @@
 //! 1 GiB); otherwise the CUDA driver found by [`crate::cuda::detect`], with the default
 //! [`crate::cuda::ContextPolicy::Guarded`] policy because the host application (PyTorch)
 //! owns the current context. Without either, every call fails with
-//! [`ErrorCode::NoBackend`] and a message saying why.
+//! [`ErrorCode::NoBackend`] and a message saying why. `STREAMALLOC_CONF` configures it
+//! (see [`config`]); a bad value makes every call fail with [`ErrorCode::Config`].
+//!
+//! # Statistics
+//! [`stats`] keeps exact per-device counts of the allocations made through this ABI
+//! (bytes and blocks, current, peak and cumulative; out-of-memory errors), reported with
+//! the pool's figures by [`streamalloc_device_memory_stats`]: what PyTorch's
+//! `torch.cuda.memory_stats()` shows through the shim.
 
 use crate::api::{DeviceStats, StreamOrderedAllocator};
 use crate::driver::Driver;
@@ -38,11 +45,31 @@ use std::cell::RefCell;
 use std::ffi::{CStr, c_char, c_double, c_int, c_void};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
+
+pub mod config;
+pub mod device;
+pub mod stats;
+pub mod warnings;
+
+pub use config::{
+    CONFIG_ENV, ConfigError, format_config, parse_config, streamalloc_config,
+    streamalloc_parse_config,
+};
+pub use device::{streamalloc_cache_info_on, streamalloc_enable_peer_access};
+pub use stats::{
+    StreamallocMemoryStats, streamalloc_device_memory_stats, streamalloc_reset_accumulated_stats,
+};
+pub use warnings::{WarningHandler, streamalloc_set_warning_handler};
 
 pub mod history;
 #[cfg(test)]
 mod tests;
+
+/// The most devices the C ABI accepts (`streamalloc_init`, `STREAMALLOC_SIM_DEVICES`):
+/// far above any host's, low enough that a garbage count is refused instead of building
+/// millions of device records.
+pub const MAX_DEVICES: usize = 1024;
 
 /// A CUDA stream handle as C sees it (`cudaStream_t` / `CUstream`).
 pub type CudaStream = *mut c_void;
@@ -66,6 +93,8 @@ pub enum ErrorCode {
     Panic = 5,
     /// No backend: no CUDA driver or device, and `STREAMALLOC_BACKEND=sim` not set.
     NoBackend = 6,
+    /// A bad `STREAMALLOC_CONF` (unknown key, bad value).
+    Config = 7,
 }
 
 impl ErrorCode {
@@ -125,7 +154,8 @@ impl From<DeviceStats> for StreamallocStats {
 // ----- the thread-local last error -----
 
 /// A failure at the boundary: a code and its message.
-struct Failure {
+#[derive(Clone, Debug)]
+pub(crate) struct Failure {
     code: ErrorCode,
     message: String,
 }
@@ -146,9 +176,37 @@ thread_local! {
     static LAST_ERROR: RefCell<(ErrorCode, String)> = const { RefCell::new((ErrorCode::None, String::new())) };
 }
 
+/// The last error of calls made while the calling thread's slot is gone (in a pthread
+/// key destructor, after Rust's thread-locals were destroyed): shared by such threads.
+static TEARDOWN_ERROR: Mutex<(ErrorCode, String)> = Mutex::new((ErrorCode::None, String::new()));
+
 fn set_last_error(code: ErrorCode, message: String) {
-    // try_with: during thread teardown the slot may be gone; then the error is dropped.
-    let _ = LAST_ERROR.try_with(|e| *e.borrow_mut() = (code, message));
+    let mut value = Some((code, message));
+    let _ = LAST_ERROR.try_with(|e| {
+        if let (Ok(mut slot), Some(v)) = (e.try_borrow_mut(), value.take()) {
+            *slot = v;
+        }
+    });
+    if let Some(v) = value {
+        *TEARDOWN_ERROR.lock().unwrap_or_else(|p| p.into_inner()) = v;
+    }
+}
+
+/// Runs `f` on the calling thread's last error, or on the teardown slot when the
+/// thread's is gone.
+fn with_last_error<R>(f: impl FnOnce(&(ErrorCode, String)) -> R) -> R {
+    let mut f = Some(f);
+    let r = LAST_ERROR.try_with(|e| match e.try_borrow() {
+        Ok(v) => Some((f.take().expect("runs once"))(&v)),
+        Err(_) => None,
+    });
+    match r {
+        Ok(Some(r)) => r,
+        _ => {
+            let v = TEARDOWN_ERROR.lock().unwrap_or_else(|p| p.into_inner());
+            (f.take().expect("runs once"))(&v)
+        }
+    }
 }
 
 fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
@@ -163,42 +221,45 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
 
 /// Runs `f` with the boundary's rules: the last error is cleared first, set on failure
 /// (`fallback` is returned then), and a panic is caught and reported as
-/// [`ErrorCode::Panic`].
-fn boundary<T>(fallback: T, f: impl FnOnce() -> Result<T, Failure>) -> T {
+/// [`ErrorCode::Panic`]. Returns the value and this call's code (not read back from the
+/// thread's slot, which may be gone).
+fn run<T>(fallback: T, f: impl FnOnce() -> Result<T, Failure>) -> (T, ErrorCode) {
     set_last_error(ErrorCode::None, String::new());
-    match catch_unwind(AssertUnwindSafe(f)) {
-        Ok(Ok(v)) => v,
-        Ok(Err(failure)) => {
-            set_last_error(failure.code, failure.message);
-            fallback
-        }
+    let (code, message) = match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(Ok(v)) => return (v, ErrorCode::None),
+        Ok(Err(failure)) => (failure.code, failure.message),
         Err(payload) => {
-            let msg = format!("panic inside streamalloc: {}", panic_message(&*payload));
-            set_last_error(ErrorCode::Panic, msg);
-            fallback
+            (ErrorCode::Panic, format!("panic inside streamalloc: {}", panic_message(&*payload)))
         }
-    }
+    };
+    set_last_error(code, message);
+    (fallback, code)
 }
 
-/// [`boundary`] for functions that return a status code.
-fn status(f: impl FnOnce() -> Result<(), Failure>) -> c_int {
-    boundary((), f);
-    last_error_code() as c_int
+/// [`run`] for functions that return a value (`fallback` on failure).
+fn boundary<T>(fallback: T, f: impl FnOnce() -> Result<T, Failure>) -> T {
+    run(fallback, f).0
+}
+
+/// [`run`] for functions that return a status code.
+pub(crate) fn status(f: impl FnOnce() -> Result<(), Failure>) -> c_int {
+    run((), f).1 as c_int
 }
 
 fn last_error_code() -> ErrorCode {
-    LAST_ERROR.try_with(|e| e.borrow().0).unwrap_or(ErrorCode::None)
+    with_last_error(|e| e.0)
 }
 
 // ----- the global allocator -----
 
-/// The process-wide allocator and the name of its backend.
+/// The process-wide allocator, the name of its backend, and the ABI's statistics.
 pub(crate) struct Global {
     pub(crate) alloc: StreamAlloc<Arc<dyn Driver>>,
     backend: &'static CStr,
+    counters: stats::DeviceCounters,
 }
 
-static GLOBAL: OnceLock<Result<Global, String>> = OnceLock::new();
+static GLOBAL: OnceLock<Result<Global, Failure>> = OnceLock::new();
 
 /// Device count fixed by `streamalloc_init` before first use (0: ask the driver).
 static INIT_DEVICE_COUNT: AtomicUsize = AtomicUsize::new(0);
@@ -211,35 +272,54 @@ fn env_u64(name: &str, default: u64) -> Result<u64, String> {
 }
 
 /// Builds the global allocator from the environment (see the module docs).
-fn create_global() -> Result<Global, String> {
+fn create_global() -> Result<Global, Failure> {
+    warnings::install_logger();
+    let no_backend = |message: String| Failure { code: ErrorCode::NoBackend, message };
+    let conf = std::env::var(CONFIG_ENV).unwrap_or_default();
+    let cache = parse_config(&conf)
+        .map_err(|e| Failure { code: ErrorCode::Config, message: e.to_string() })?;
     let requested = INIT_DEVICE_COUNT.load(Ordering::Acquire);
     let (driver, backend): (Arc<dyn Driver>, &'static CStr) =
         if std::env::var("STREAMALLOC_BACKEND").is_ok_and(|b| b == "sim") {
             let default_devices = if requested > 0 { requested as u64 } else { 1 };
-            let n = env_u64("STREAMALLOC_SIM_DEVICES", default_devices)? as usize;
-            let capacity = env_u64("STREAMALLOC_SIM_CAPACITY", 1 << 30)?;
-            (Arc::new(SimDriver::with_devices(n, capacity)), c"sim")
+            let n = env_u64("STREAMALLOC_SIM_DEVICES", default_devices).map_err(no_backend)?;
+            if n > MAX_DEVICES as u64 {
+                return Err(no_backend(format!(
+                    "STREAMALLOC_SIM_DEVICES={n} is more than {MAX_DEVICES} devices"
+                )));
+            }
+            let capacity = env_u64("STREAMALLOC_SIM_CAPACITY", 1 << 30).map_err(no_backend)?;
+            (Arc::new(SimDriver::with_devices(n as usize, capacity)), c"sim")
         } else {
             match cuda::detect() {
                 Ok(d) => (Arc::new(d), c"cuda"),
                 Err(e) => {
-                    return Err(format!(
+                    return Err(no_backend(format!(
                         "streamalloc has no backend: no usable CUDA driver or device ({e}); \
                          set STREAMALLOC_BACKEND=sim for the simulated device"
-                    ));
+                    )));
                 }
             }
         };
-    Ok(Global::new(driver, backend, requested))
+    Ok(Global::new(driver, backend, requested, cache))
 }
 
 impl Global {
     /// An allocator over `driver` for `requested` devices (0 or more than the driver
-    /// has: every device the driver has).
-    pub(crate) fn new(driver: Arc<dyn Driver>, backend: &'static CStr, requested: usize) -> Self {
-        let available = driver.device_count().unwrap_or(requested);
+    /// has: every device the driver has, at most [`MAX_DEVICES`]), with `cache`.
+    pub(crate) fn new(
+        driver: Arc<dyn Driver>,
+        backend: &'static CStr,
+        requested: usize,
+        cache: crate::CacheConfig,
+    ) -> Self {
+        let available = driver.device_count().unwrap_or(requested).min(MAX_DEVICES);
         let n = if requested == 0 || requested > available { available } else { requested };
-        Global { alloc: StreamAlloc::with_device_count(driver, n), backend }
+        Global {
+            alloc: StreamAlloc::with_config(driver, n, cache),
+            backend,
+            counters: stats::DeviceCounters::new(n),
+        }
     }
 }
 
@@ -257,19 +337,17 @@ pub fn install_sim_backend(devices: usize, capacity: u64) -> Option<Arc<crate::s
     SIM.get_or_init(|| {
         let sim = Arc::new(crate::sim::SimDriver::with_devices(devices, capacity));
         let driver: Arc<dyn Driver> = sim.clone();
-        install_global(Global::new(driver, c"sim", 0)).then_some(sim)
+        let global = Global::new(driver, c"sim", 0, crate::CacheConfig::default());
+        install_global(global).then_some(sim)
     })
     .clone()
 }
 
-fn global() -> Result<&'static Global, Failure> {
-    GLOBAL
-        .get_or_init(create_global)
-        .as_ref()
-        .map_err(|msg| Failure { code: ErrorCode::NoBackend, message: msg.clone() })
+pub(crate) fn global() -> Result<&'static Global, Failure> {
+    GLOBAL.get_or_init(create_global).as_ref().map_err(Failure::clone)
 }
 
-fn alloc() -> Result<&'static StreamAlloc<Arc<dyn Driver>>, Failure> {
+pub(crate) fn alloc() -> Result<&'static StreamAlloc<Arc<dyn Driver>>, Failure> {
     Ok(&global()?.alloc)
 }
 
@@ -291,18 +369,6 @@ fn stream(s: CudaStream) -> Stream {
 
 fn dptr(p: *mut c_void) -> DevicePtr {
     DevicePtr::from_raw(p as usize as u64)
-}
-
-/// The device of a live block: only for the hook that gets no device (multi-device).
-fn device_of(a: &StreamAlloc<Arc<dyn Driver>>, ptr: DevicePtr) -> Result<Device, Failure> {
-    if a.device_count() == 1 {
-        return Ok(0);
-    }
-    a.snapshot()
-        .iter()
-        .find(|b| b.ptr == ptr)
-        .map(|b| b.creation_stream.device)
-        .ok_or_else(|| Error::UnknownPointer { ptr }.into())
 }
 
 /// Whether `STREAMALLOC_TRACE=1`: every hook call is printed to stderr (debugging).
@@ -335,7 +401,8 @@ pub extern "C" fn streamalloc_alloc(size: usize, device: c_int, stream: CudaStre
             // (the seed returns before it looks at the device).
             return Ok(std::ptr::null_mut());
         }
-        let a = alloc()?;
+        let g = global()?;
+        let a = &g.alloc;
         let d = self::device(a, device)?;
         let r = a.malloc(d, size, self::stream(stream));
         if tracing() {
@@ -344,7 +411,18 @@ pub extern "C" fn streamalloc_alloc(size: usize, device: c_int, stream: CudaStre
                 "streamalloc trace: alloc {size} dev {d} stream {stream:?} capture {cap}: {r:?}"
             );
         }
-        Ok(r?.as_raw() as usize as *mut c_void)
+        match r {
+            Ok(p) => {
+                g.counters.get(d).on_alloc(size as u64);
+                Ok(p.as_raw() as usize as *mut c_void)
+            }
+            Err(e) => {
+                if matches!(e, Error::OutOfMemory(_) | Error::TooLarge { .. }) {
+                    g.counters.get(d).on_oom();
+                }
+                Err(e.into())
+            }
+        }
     })
 }
 
@@ -359,9 +437,17 @@ pub extern "C" fn streamalloc_free(
     _stream: CudaStream,
 ) {
     boundary((), || {
-        let a = alloc()?;
+        if ptr.is_null() {
+            return Ok(());
+        }
+        let g = global()?;
+        let a = &g.alloc;
         let what = if tracing() { describe(a, dptr(ptr)) } else { String::new() };
-        let r = a.free(dptr(ptr));
+        let r = a.device_of(dptr(ptr)).and_then(|(d, size)| {
+            a.free(dptr(ptr))?;
+            g.counters.get(d).on_free(size);
+            Ok(())
+        });
         if tracing() {
             let cap = a.capture_underway();
             eprintln!("streamalloc trace: free {ptr:?} ({what}) capture {cap}: {r:?}");
@@ -374,12 +460,17 @@ pub extern "C" fn streamalloc_free(
 }
 
 /// Sets the device count before first use (`CUDAPluggableAllocator`'s init hook).
-/// After the allocator exists this only checks the count.
+/// After the allocator exists this only checks the count. A negative count or one
+/// above [`MAX_DEVICES`] is an error.
 #[unsafe(no_mangle)]
 pub extern "C" fn streamalloc_init(device_count: c_int) {
     boundary((), || {
-        let n = usize::try_from(device_count)
-            .map_err(|_| Failure::invalid(format!("invalid device count {device_count}")))?;
+        let n =
+            usize::try_from(device_count).ok().filter(|&n| n <= MAX_DEVICES).ok_or_else(|| {
+                Failure::invalid(format!(
+                    "invalid device count {device_count} (0 to {MAX_DEVICES})"
+                ))
+            })?;
         if GLOBAL.get().is_none() {
             INIT_DEVICE_COUNT.store(n, Ordering::Release);
         }
@@ -423,8 +514,8 @@ pub unsafe extern "C" fn streamalloc_base_alloc(ptr: *mut c_void, size: *mut usi
 
 /// Records that `ptr` is used on `stream` (S6) (`CUDAPluggableAllocator`'s
 /// record-stream hook). The hook gets no device: the stream is taken to belong to the
-/// pointer's device (with several devices, found by a scan of live blocks). Use
-/// [`streamalloc_record_stream_on`] when the stream's device is known.
+/// pointer's device (one map lookup). Use [`streamalloc_record_stream_on`] when the
+/// stream's device is known.
 #[unsafe(no_mangle)]
 pub extern "C" fn streamalloc_record_stream(ptr: *mut c_void, stream: CudaStream) {
     boundary((), || {
@@ -432,7 +523,7 @@ pub extern "C" fn streamalloc_record_stream(ptr: *mut c_void, stream: CudaStream
             return Ok(());
         }
         let a = alloc()?;
-        let d = device_of(a, dptr(ptr))?;
+        let (d, _) = a.device_of(dptr(ptr))?;
         Ok(a.record_stream(dptr(ptr), UsageStream::new(self::stream(stream), d))?)
     })
 }
@@ -479,12 +570,15 @@ pub unsafe extern "C" fn streamalloc_device_stats(
     })
 }
 
-/// Resets `device`'s high watermarks (S12). Returns the status code.
+/// Resets `device`'s high watermarks (S12): the pool's, and the ABI's exact peaks of
+/// allocated bytes and blocks (to their current values). Returns the status code.
 #[unsafe(no_mangle)]
 pub extern "C" fn streamalloc_reset_peak_stats(device: c_int) -> c_int {
     status(|| {
-        let a = alloc()?;
-        Ok(a.reset_peak_stats(self::device(a, device)?)?)
+        let g = global()?;
+        let d = self::device(&g.alloc, device)?;
+        g.counters.get(d).reset_peaks();
+        Ok(g.alloc.reset_peak_stats(d)?)
     })
 }
 
@@ -561,24 +655,32 @@ pub extern "C" fn streamalloc_cache_info(device: c_int) -> usize {
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn streamalloc_last_error(buf: *mut c_char, len: usize) -> c_int {
     let r = catch_unwind(|| {
-        LAST_ERROR
-            .try_with(|e| {
-                let e = e.borrow();
-                if !buf.is_null() && len > 0 {
-                    let bytes = e.1.as_bytes();
-                    let n = bytes.len().min(len - 1);
-                    // Safety: buf is valid for len bytes (caller), n + 1 <= len, and a
-                    // Rust String never overlaps the caller's buffer.
-                    unsafe {
-                        std::ptr::copy_nonoverlapping(bytes.as_ptr(), buf.cast::<u8>(), n);
-                        buf.add(n).write(0);
-                    }
-                }
-                e.0 as c_int
-            })
-            .unwrap_or(0)
+        with_last_error(|e| {
+            // Safety: the caller passes null or a buffer valid for len bytes.
+            unsafe { write_c_string(&e.1, buf, len) };
+            e.0 as c_int
+        })
     });
     r.unwrap_or(ErrorCode::Panic as c_int)
+}
+
+/// Copies `s` into `buf` as a C string: at most `len - 1` bytes and a NUL; nothing when
+/// `buf` is null or `len` is 0.
+///
+/// # Safety
+/// `buf` is null or valid for `len` byte writes.
+unsafe fn write_c_string(s: &str, buf: *mut c_char, len: usize) {
+    if buf.is_null() || len == 0 {
+        return;
+    }
+    let bytes = s.as_bytes();
+    let n = bytes.len().min(len - 1);
+    // Safety: buf is valid for len bytes (caller), n + 1 <= len, and a Rust string
+    // never overlaps the caller's buffer.
+    unsafe {
+        std::ptr::copy_nonoverlapping(bytes.as_ptr(), buf.cast::<u8>(), n);
+        buf.add(n).write(0);
+    }
 }
 
 /// The calling thread's last error code (0: the last call succeeded).

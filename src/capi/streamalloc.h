@@ -11,12 +11,25 @@
  * 2 invalid argument (device index, fraction, unknown pointer, double free, NULL out
  * pointer), 3 CUDA driver error, 4 capture misuse, 5 panic inside the library (a bug;
  * the allocator keeps working), 6 no backend (no CUDA driver/device and
- * STREAMALLOC_BACKEND=sim not set). Nothing ever aborts the process.
+ * STREAMALLOC_BACKEND=sim not set), 7 bad STREAMALLOC_CONF (unknown key or bad value;
+ * every call then fails with it). Nothing ever aborts the process. A call made while the
+ * thread is being torn down (in a pthread key destructor) still returns and records its
+ * failure; such threads share one last-error slot.
  *
  * The allocator is created on first use: the CUDA driver (primary contexts; the caller's
  * current context is restored after each call), or with STREAMALLOC_BACKEND=sim a
  * simulated device (STREAMALLOC_SIM_DEVICES, default 1; STREAMALLOC_SIM_CAPACITY bytes,
  * default 1 GiB) for tests. Streams are cudaStream_t / CUstream handles of the device.
+ *
+ * Configuration: STREAMALLOC_CONF, read once when the allocator is created, in the style
+ * of PYTORCH_CUDA_ALLOC_CONF: comma-separated key:value pairs.
+ *   cache:on|off        the front cache (default on; off: every call reaches the
+ *                       driver, as PyTorch's cudaMallocAsync backend does)
+ *   max_cache_mb:N      MiB the cache may hold per device (default 2048)
+ * e.g. STREAMALLOC_CONF="cache:on,max_cache_mb:4096".
+ *
+ * Warnings (the seed's TORCH_WARNs, errors the library can only log) go to standard
+ * error, or to the handler set with streamalloc_set_warning_handler.
  */
 #ifndef STREAMALLOC_H
 #define STREAMALLOC_H
@@ -39,8 +52,12 @@ enum streamalloc_error {
   STREAMALLOC_DRIVER_ERROR = 3,
   STREAMALLOC_CAPTURE_MISUSE = 4,
   STREAMALLOC_PANIC = 5,
-  STREAMALLOC_NO_BACKEND = 6
+  STREAMALLOC_NO_BACKEND = 6,
+  STREAMALLOC_CONFIG_ERROR = 7
 };
+
+/* The most devices streamalloc_init and STREAMALLOC_SIM_DEVICES accept. */
+#define STREAMALLOC_MAX_DEVICES 1024
 
 /* Device statistics (streamalloc_device_stats). */
 typedef struct streamalloc_stats {
@@ -64,7 +81,8 @@ void* streamalloc_alloc(size_t size, int device, cudaStream_t stream);
  * records). NULL is a no-op. Unknown pointer or double free: last error, no crash.
  * During a graph capture, a block allocated outside the capture is freed after it. */
 void streamalloc_free(void* ptr, size_t size, int device, cudaStream_t stream);
-/* Fixes the device count before first use (PyTorch's init hook). */
+/* Fixes the device count before first use (PyTorch's init hook). A negative count or
+ * one above STREAMALLOC_MAX_DEVICES is code 2. */
 void streamalloc_init(int device_count);
 /* Empties the cache: synchronizes each used device and trims its pool to 0. */
 void streamalloc_reset(void);
@@ -74,9 +92,8 @@ void streamalloc_set_memory_fraction(double fraction, int device);
  * not NULL). Unknown pointer: NULL and the last error. */
 void* streamalloc_base_alloc(void* ptr, size_t* size);
 /* Records that ptr is used on stream; its free then waits for that stream. The stream
- * is taken to belong to ptr's device (the hook carries no device; with several devices
- * a scan of live blocks finds it). NULL ptr is a no-op; ptr's creation stream changes
- * nothing (warns once). */
+ * is taken to belong to ptr's device (the hook carries no device; one lookup finds it).
+ * NULL ptr is a no-op; ptr's creation stream changes nothing (warns once). */
 void streamalloc_record_stream(void* ptr, cudaStream_t stream);
 /* record_stream with the stream's device given (a stream of another device is
  * allowed: peer access). Returns the status code. */
@@ -87,7 +104,8 @@ int streamalloc_record_stream_on(void* ptr, cudaStream_t stream, int stream_devi
 /* Fills *out with device's statistics (zeros for a device not used yet; no context
  * is created). Returns the status code (2 for a NULL out). */
 int streamalloc_device_stats(int device, streamalloc_stats* out);
-/* Resets device's high watermarks (reserved_peak, used_peak) to 0. */
+/* Resets device's high watermarks: the pool's (reserved_peak, used_peak restart from
+ * their current values) and the exact peaks of streamalloc_device_memory_stats. */
 int streamalloc_reset_peak_stats(int device);
 /* As streamalloc_reset, with a status code. */
 int streamalloc_empty_cache(void);
@@ -165,6 +183,62 @@ typedef void (*streamalloc_oom_observer)(int device, size_t requested, size_t to
                                          size_t free_bytes, void* user);
 /* Adds an observer (user is passed back unchanged, on any thread). Code 2 for NULL. */
 int streamalloc_attach_oom_observer(streamalloc_oom_observer observer, void* user);
+
+/* ---- statistics, peer access, configuration, warnings (what the PyTorch shim uses) ---- */
+
+/* One device's memory statistics: everything torch.cuda.memory_stats() reports. The
+ * "allocated" and "allocations" figures are exact (the allocations made through
+ * streamalloc_alloc, in requested bytes); "reserved" and "pool_used" are the pool's
+ * attributes. Totals are since the last streamalloc_reset_accumulated_stats, peaks since
+ * the last streamalloc_reset_peak_stats; allocated_total - freed_total ==
+ * allocated_current always. Fields are only ever added at the end. */
+typedef struct streamalloc_memory_stats {
+  uint64_t allocated_current;   /* bytes in live allocations */
+  uint64_t allocated_peak;      /* high watermark of allocated_current */
+  uint64_t allocated_total;     /* bytes allocated (current + freed_total) */
+  uint64_t freed_total;         /* bytes freed */
+  uint64_t allocations_current; /* live allocations */
+  uint64_t allocations_peak;    /* high watermark of allocations_current */
+  uint64_t allocations_total;   /* allocations (current + frees_total) */
+  uint64_t frees_total;         /* frees */
+  uint64_t reserved_current;    /* bytes the pool reserves (ReservedMemCurrent) */
+  uint64_t reserved_peak;       /* ReservedMemHigh */
+  uint64_t pool_used_current;   /* bytes the pool hands out: live, cached, pending frees
+                                   (UsedMemCurrent; the seed's allocated and active) */
+  uint64_t pool_used_peak;      /* UsedMemHigh */
+  uint64_t cached_current;      /* bytes in the allocator's own cache */
+  uint64_t cache_hits;          /* allocations served from that cache */
+  uint64_t cache_misses;        /* allocations that called cudaMallocAsync */
+  uint64_t num_alloc_retries;   /* allocations retried after a driver out-of-memory */
+  uint64_t num_ooms;            /* allocations refused for lack of memory */
+} streamalloc_memory_stats;
+
+/* Fills *out with device's memory statistics, at most out_size bytes of it (pass
+ * sizeof *out; an older, shorter struct gets its prefix). Returns the status code (2 for
+ * a NULL out or a bad device). */
+int streamalloc_device_memory_stats(int device, streamalloc_memory_stats* out, size_t out_size);
+/* Resets device's totals (freed, frees, num_ooms, num_alloc_retries) to 0; current and
+ * peak figures stay. */
+int streamalloc_reset_accumulated_stats(int device);
+/* Lets device accessor read and write the memory of device owner's pool
+ * (cudaMemPoolSetAccess; PyTorch's enablePeerAccess(dev = accessor, dev_to_access =
+ * owner)). cudaDeviceEnablePeerAccess does not cover pool memory. */
+int streamalloc_enable_peer_access(int accessor, int owner);
+/* The largest block that can be allocated on device now, by trial allocations on
+ * stream, into *out (cudnn's workspace guess, PyTorch's cacheInfo). */
+int streamalloc_cache_info_on(int device, cudaStream_t stream, size_t* out);
+/* Checks a STREAMALLOC_CONF string without applying it: 0, or 7 with the reason (the
+ * key, and every known key) in the last error. */
+int streamalloc_parse_config(const char* conf);
+/* Writes the allocator's configuration, every key, in STREAMALLOC_CONF form (at most
+ * len-1 bytes, NUL terminated). Creates the allocator if needed. */
+int streamalloc_config(char* buf, size_t len);
+/* A warning handler: level 1 warning, 2 error; message valid for the call only. Called
+ * on the thread that warns, possibly on several at once; it must not call streamalloc. */
+typedef void (*streamalloc_warning_fn)(int level, const char* message, void* user);
+/* Sends warnings to handler (with user), or back to standard error when handler is
+ * NULL. Code 2 if the process already had a Rust `log` logger (it keeps them). */
+int streamalloc_set_warning_handler(streamalloc_warning_fn handler, void* user);
 
 #ifdef __cplusplus
 }

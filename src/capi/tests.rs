@@ -3,6 +3,7 @@
 //! keeps to its own pointers and checks only what others cannot change).
 
 use super::*;
+use std::ffi::CStr;
 
 const GIB: u64 = 1 << 30;
 
@@ -11,7 +12,8 @@ fn setup() -> &'static Arc<SimDriver> {
     SIM.get_or_init(|| {
         let sim = Arc::new(SimDriver::with_devices(2, GIB));
         let driver: Arc<dyn Driver> = sim.clone();
-        assert!(install_global(Global::new(driver, c"sim", 0)), "a global existed");
+        let global = Global::new(driver, c"sim", 0, crate::CacheConfig::default());
+        assert!(install_global(global), "a global existed");
         sim
     })
 }
@@ -297,4 +299,250 @@ fn record_stream_refuses_unusable_streams() {
     assert_eq!(streamalloc_record_stream_on(p, on1_raw, 1), 0, "{:?}", last_error());
     streamalloc_free(p, 4096, 0, std::ptr::null_mut());
     assert_eq!(streamalloc_last_error_code(), 0, "{:?}", last_error());
+}
+
+// ----- issue 13 items 5, 6, 7 -----
+
+#[test]
+fn plain_record_stream_finds_the_device_without_a_scan() {
+    // The plain hook used to snapshot and sort every live block per call when there was
+    // more than one device; it now costs one lookup, like the `_on` variant.
+    let sim = setup();
+    let side = sim.new_stream(1).unwrap().as_raw() as CudaStream;
+    let blocks: Vec<*mut c_void> =
+        (0..10_000).map(|_| streamalloc_alloc(512, 1, std::ptr::null_mut())).collect();
+    assert!(blocks.iter().all(|p| !p.is_null()), "{:?}", last_error());
+    let p = blocks[blocks.len() / 2];
+    let time = |f: &dyn Fn()| {
+        let t = std::time::Instant::now();
+        for _ in 0..300 {
+            f();
+        }
+        t.elapsed()
+    };
+    let on = time(&|| assert_eq!(streamalloc_record_stream_on(p, side, 1), 0));
+    let plain = time(&|| {
+        streamalloc_record_stream(p, side);
+        assert_eq!(streamalloc_last_error_code(), 0, "{:?}", last_error());
+    });
+    for &b in &blocks {
+        streamalloc_free(b, 512, 1, std::ptr::null_mut());
+        assert_eq!(streamalloc_last_error_code(), 0, "{:?}", last_error());
+    }
+    let bound = on * 20 + std::time::Duration::from_millis(50);
+    assert!(plain < bound, "plain record_stream {plain:?} vs record_stream_on {on:?}");
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn failures_in_a_pthread_key_destructor_are_reported() {
+    // glibc runs pthread key destructors after the thread's Rust thread-locals are
+    // destroyed: the last error's slot is gone, yet failures must still be reported.
+    use std::ffi::c_uint;
+    unsafe extern "C" {
+        fn pthread_key_create(
+            key: *mut c_uint,
+            destructor: Option<unsafe extern "C" fn(*mut c_void)>,
+        ) -> c_int;
+        fn pthread_setspecific(key: c_uint, value: *const c_void) -> c_int;
+    }
+    static SEEN: std::sync::Mutex<Vec<(&'static str, c_int)>> = std::sync::Mutex::new(Vec::new());
+    unsafe extern "C" fn destructor(_: *mut c_void) {
+        let mut seen = Vec::new();
+        seen.push(("begin_capture(-1) status", streamalloc_begin_capture(-1)));
+        seen.push(("code after begin_capture(-1)", streamalloc_last_error_code()));
+        streamalloc_free(0xdead_0000 as *mut c_void, 16, 0, std::ptr::null_mut());
+        seen.push(("code after a bad free", streamalloc_last_error_code()));
+        // Safety: a null buffer only returns the code.
+        seen.push(("last_error after a bad free", unsafe {
+            streamalloc_last_error(std::ptr::null_mut(), 0)
+        }));
+        seen.push(("reset_peak_stats(0) status", streamalloc_reset_peak_stats(0)));
+        seen.push(("code after a good call", streamalloc_last_error_code()));
+        SEEN.lock().unwrap().extend(seen);
+    }
+    setup();
+    std::thread::spawn(|| {
+        let mut key: c_uint = 0;
+        // Safety: key is a valid out-pointer; the destructor has the C signature.
+        assert_eq!(unsafe { pthread_key_create(&mut key, Some(destructor)) }, 0);
+        // Safety: key was created above; a non-null value makes the destructor run.
+        assert_eq!(unsafe { pthread_setspecific(key, std::ptr::dangling::<c_void>()) }, 0);
+        // Touch the thread's last-error slot so that it exists and is destroyed first.
+        assert_eq!(streamalloc_reset_peak_stats(0), 0);
+    })
+    .join()
+    .unwrap();
+    let invalid = ErrorCode::InvalidArgument as c_int;
+    assert_eq!(
+        *SEEN.lock().unwrap(),
+        vec![
+            ("begin_capture(-1) status", invalid),
+            ("code after begin_capture(-1)", invalid),
+            ("code after a bad free", invalid),
+            ("last_error after a bad free", invalid),
+            ("reset_peak_stats(0) status", 0),
+            ("code after a good call", 0),
+        ]
+    );
+}
+
+#[test]
+fn absurd_device_counts_are_refused() {
+    setup();
+    for bad in [c_int::MAX, MAX_DEVICES as c_int + 1, -1] {
+        streamalloc_init(bad);
+        let (code, msg) = last_error();
+        assert_eq!(code, ErrorCode::InvalidArgument as c_int, "init({bad})");
+        assert!(msg.contains(&format!("invalid device count {bad}")), "{msg}");
+    }
+    streamalloc_init(2);
+    assert_eq!(streamalloc_last_error_code(), 0);
+}
+
+// ----- statistics, peer access, cache info, configuration, warnings -----
+
+fn memory_stats(device: c_int) -> StreamallocMemoryStats {
+    let mut s = StreamallocMemoryStats::default();
+    // Safety: s is a valid StreamallocMemoryStats of the size passed.
+    let code =
+        unsafe { streamalloc_device_memory_stats(device, &mut s, std::mem::size_of_val(&s)) };
+    assert_eq!(code, 0, "{:?}", last_error());
+    s
+}
+
+#[test]
+fn memory_stats_count_exactly() {
+    // Device 0 only here: other tests use it too, so compare differences of what this
+    // test alone can change on the sim (its own blocks are large and distinct).
+    setup();
+    let before = memory_stats(0);
+    let a = streamalloc_alloc(3 << 20, 0, std::ptr::null_mut());
+    let b = streamalloc_alloc(5 << 20, 0, std::ptr::null_mut());
+    assert!(!a.is_null() && !b.is_null());
+    let mid = memory_stats(0);
+    assert!(mid.allocated_current >= before.allocated_current + (8 << 20) - (1 << 20));
+    assert!(mid.allocated_peak >= mid.allocated_current, "{mid:?}");
+    assert!(mid.allocations_total >= before.allocations_total + 2, "{mid:?}");
+    assert_eq!(mid.allocated_total - mid.freed_total, mid.allocated_current, "{mid:?}");
+    assert_eq!(mid.allocations_total - mid.frees_total, mid.allocations_current, "{mid:?}");
+    assert!(mid.reserved_current >= 8 << 20 && mid.pool_used_current >= 8 << 20, "{mid:?}");
+    streamalloc_free(a, 0, 0, std::ptr::null_mut());
+    streamalloc_free(b, 0, 0, std::ptr::null_mut());
+    let after = memory_stats(0);
+    assert!(after.frees_total >= mid.frees_total + 2, "{after:?}");
+    assert!(after.freed_total >= mid.freed_total + (8 << 20), "{after:?}");
+
+    // An out-of-memory error is counted.
+    let ooms = memory_stats(0).num_ooms;
+    assert!(streamalloc_alloc(4 * GIB as usize, 0, std::ptr::null_mut()).is_null());
+    assert!(memory_stats(0).num_ooms > ooms);
+
+    // A short struct gets its prefix; NULL is refused.
+    let mut two = [u64::MAX; 2];
+    // Safety: two holds 16 bytes, the size passed.
+    let code = unsafe { streamalloc_device_memory_stats(0, two.as_mut_ptr().cast(), 16) };
+    assert_eq!(code, 0);
+    assert!(two[1] >= two[0], "{two:?}");
+    // Safety: NULL must be refused, not written.
+    let code = unsafe { streamalloc_device_memory_stats(0, std::ptr::null_mut(), 8) };
+    assert_eq!(code, ErrorCode::InvalidArgument as c_int);
+    // Safety: as above.
+    let code = unsafe { streamalloc_device_memory_stats(7, two.as_mut_ptr().cast(), 16) };
+    assert_eq!(code, ErrorCode::InvalidArgument as c_int);
+}
+
+#[test]
+fn peaks_and_accumulated_stats_reset() {
+    // Device 1 with blocks only this test holds at the time it reads its peak.
+    setup();
+    let big = streamalloc_alloc(64 << 20, 1, std::ptr::null_mut());
+    assert!(!big.is_null());
+    let with = memory_stats(1);
+    assert!(with.allocated_peak >= 64 << 20);
+    streamalloc_free(big, 0, 1, std::ptr::null_mut());
+    assert_eq!(streamalloc_reset_peak_stats(1), 0);
+    let reset = memory_stats(1);
+    assert!(reset.allocated_peak < with.allocated_peak, "{reset:?} vs {with:?}");
+    assert_eq!(streamalloc_reset_accumulated_stats(1), 0);
+    let acc = memory_stats(1);
+    assert_eq!(acc.num_ooms, 0);
+    assert!(acc.frees_total <= reset.frees_total, "{acc:?}");
+    assert_eq!(streamalloc_reset_accumulated_stats(-3), ErrorCode::InvalidArgument as c_int);
+}
+
+#[test]
+fn peer_access_grants_the_pool() {
+    use crate::driver::Driver;
+    let sim = setup();
+    let src = streamalloc_alloc(4096, 0, std::ptr::null_mut());
+    let dst = streamalloc_alloc(4096, 1, std::ptr::null_mut());
+    assert!(!src.is_null() && !dst.is_null());
+    let on1 = sim.new_usage_stream(1).unwrap();
+    let copy = || sim.memcpy_async(dptr(dst), 1, dptr(src), 0, 4096, on1, false);
+    assert!(copy().is_err(), "device 1 reads device 0's pool without access");
+    assert_eq!(streamalloc_enable_peer_access(1, 0), 0, "{:?}", last_error());
+    copy().expect("device 1 may read device 0's pool now");
+    assert_eq!(streamalloc_enable_peer_access(1, 9), ErrorCode::InvalidArgument as c_int);
+    streamalloc_free(src, 0, 0, std::ptr::null_mut());
+    streamalloc_free(dst, 0, 1, std::ptr::null_mut());
+    assert_eq!(streamalloc_last_error_code(), 0);
+}
+
+#[test]
+fn cache_info_on_a_stream() {
+    let sim = setup();
+    let s = sim.new_stream(0).unwrap().as_raw() as CudaStream;
+    let mut out = 0usize;
+    // Safety: out is a valid usize.
+    assert_eq!(unsafe { streamalloc_cache_info_on(0, s, &mut out) }, 0, "{:?}", last_error());
+    assert!(out > 0 && out as u64 <= GIB);
+    // Safety: NULL must be refused.
+    let code = unsafe { streamalloc_cache_info_on(0, s, std::ptr::null_mut()) };
+    assert_eq!(code, ErrorCode::InvalidArgument as c_int);
+    // Safety: out is a valid usize.
+    let code = unsafe { streamalloc_cache_info_on(5, s, &mut out) };
+    assert_eq!(code, ErrorCode::InvalidArgument as c_int);
+}
+
+#[test]
+fn config_is_checked_and_reported() {
+    setup();
+    // Safety: NUL-terminated strings.
+    unsafe {
+        assert_eq!(streamalloc_parse_config(c"cache:off,max_cache_mb:16".as_ptr()), 0);
+        assert_eq!(streamalloc_parse_config(c"cache:on,colour:blue".as_ptr()), 7);
+        let (_, msg) = last_error();
+        assert!(msg.contains("unknown key \"colour\""), "{msg}");
+        assert_eq!(streamalloc_parse_config(c"max_cache_mb:-1".as_ptr()), 7);
+        assert_eq!(streamalloc_parse_config(std::ptr::null()), 2);
+    }
+    let mut buf = [0 as c_char; 128];
+    // Safety: buf holds 128 bytes.
+    assert_eq!(unsafe { streamalloc_config(buf.as_mut_ptr(), buf.len()) }, 0);
+    // Safety: NUL-terminated within buf.
+    let text = unsafe { CStr::from_ptr(buf.as_ptr()) }.to_string_lossy().into_owned();
+    assert_eq!(text, "cache:on,max_cache_mb:2048,release:fast,idle_interval:16384");
+}
+
+#[test]
+fn warnings_reach_the_registered_handler() {
+    static GOT: std::sync::Mutex<Vec<(c_int, String, usize)>> = std::sync::Mutex::new(Vec::new());
+    unsafe extern "C" fn handler(level: c_int, message: *const c_char, user: *mut c_void) {
+        // Safety: the library passes a NUL-terminated string valid for the call.
+        let m = unsafe { CStr::from_ptr(message) }.to_string_lossy().into_owned();
+        GOT.lock().unwrap().push((level, m, user as usize));
+    }
+    setup();
+    assert_eq!(streamalloc_set_warning_handler(Some(handler), 0x5eed as *mut c_void), 0);
+    streamalloc_free(0xfeed_0000 as *mut c_void, 16, 0, std::ptr::null_mut());
+    assert_eq!(streamalloc_set_warning_handler(None, std::ptr::null_mut()), 0);
+    let got = GOT.lock().unwrap();
+    assert!(
+        got.iter().any(|(level, m, user)| *level == 1
+            && m.contains("0xfeed0000")
+            && m.contains("was not allocated by this allocator")
+            && *user == 0x5eed),
+        "{got:?}"
+    );
 }

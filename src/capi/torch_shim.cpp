@@ -1,119 +1,100 @@
 // streamalloc's PyTorch shim: makes libstreamalloc.so PyTorch's CUDA allocator through
-// torch::cuda::CUDAPluggableAllocator, adding what the plain pluggable route lacks:
+// a subclass of torch::cuda::CUDAPluggableAllocator, adding what the plain pluggable
+// route lacks (each override says which of PyTorch's calls it serves):
 //
 //  * Out of memory reaches Python as torch.cuda.OutOfMemoryError. PyTorch's pluggable
-//    wrapper does not check alloc's result for NULL (CUDAPluggableAllocator::malloc
-//    stores it and returns it), but it lets exceptions from alloc_fn_ propagate; the
-//    Python binding's HANDLE_TH_ERRORS (torch/csrc/Exceptions.h, CATCH_CORE_ERRORS)
-//    turns c10::OutOfMemoryError into THPException_OutOfMemoryError, i.e.
-//    torch.OutOfMemoryError (alias torch.cuda.OutOfMemoryError). So the shim's alloc
-//    throws c10::OutOfMemoryError with the library's message (the seed's fields) when
+//    wrapper does not check alloc's result for NULL, but it lets exceptions from the
+//    allocation propagate; the Python binding's HANDLE_TH_ERRORS turns
+//    c10::OutOfMemoryError into torch.OutOfMemoryError. So alloc throws
+//    c10::OutOfMemoryError with the library's message (the seed's fields) when
 //    streamalloc_alloc returns NULL for size > 0 with last error code 1.
+//  * Statistics (torch.cuda.memory_stats and everything built on it: memory_allocated,
+//    max_memory_allocated, memory_reserved, memory_summary; reset_peak_memory_stats,
+//    reset_accumulated_memory_stats): getDeviceStats, resetPeakStats,
+//    resetAccumulatedStats from streamalloc_device_memory_stats. The keys are the seed's
+//    (aggregate "all"; the seed reports no per-pool figures), with the seed's meanings:
+//    allocated_bytes and requested_bytes are the live allocations (exact, as requested),
+//    active_bytes what the pool hands out (live, the allocator's cache, pending frees:
+//    the seed's allocated == active), reserved_bytes the pool's reservation; plus counts
+//    (allocation, active), num_alloc_retries, num_ooms, num_device_alloc.
+//  * cacheInfo (cudnn.benchmark's workspace guess, S9): trial allocations on the current
+//    stream, as the seed.
+//  * enablePeerAccess (S18): grants the peer access to the device's pool
+//    (cudaMemPoolSetAccess); the base class only calls cudaDeviceEnablePeerAccess, which
+//    does not cover pool memory. memcpyAsync: the seed's choice (cudaMemcpyAsync when on
+//    one device or p2p is enabled, else cudaMemcpyPeerAsync); the base class always uses
+//    cudaMemcpyAsync.
 //  * Graph capture follows the seed: beginAllocateToPool -> streamalloc_begin_capture_on
 //    (device, the capture stream), endAllocateToPool -> streamalloc_end_capture(device,
 //    current stream of device), releasePool -> nothing. PyTorch 2.x calls
 //    cudaStreamEndCapture before endAllocateToPool, so free streams are joined into the
 //    capture stream as they appear rather than at the end.
-//  * recordStream gets the stream's own device (S24): the class overrides recordStream,
-//    where the plain hook would only see a cudaStream_t.
-//  * init, emptyCache (reset), setMemoryFraction and getBaseAllocation are routed to
-//    the library; their errors are thrown as c10::Error (RuntimeError in Python).
-//  * History, OOM observers and snapshots (the block marked "history, OOM observers,
-//    snapshot" below): recordHistory / isHistoryEnabled drive the library's ring
-//    (streamalloc_record_history); the frames PyTorch gathers (its CreateContextFn) are
-//    kept here under a context id the library stores with each entry; snapshot() builds
-//    c10's SnapshotInfo (one segment per driver allocation, live and cached blocks,
-//    device_traces) so torch.cuda.memory._snapshot() / _dump_snapshot() work;
-//    attachOutOfMemoryObserver registers PyTorch's observers with the library.
+//  * recordStream gets the stream's own device (S24), where the plain hook would only
+//    see a cudaStream_t.
+//  * The hot path skips the base class's bookkeeping: CUDAPluggableAllocator takes a
+//    process-wide mutex and updates an unordered_map on every allocation and free, only
+//    to hand free() the size, device and stream that the library keeps itself. allocate,
+//    raw_alloc, raw_alloc_with_stream, raw_delete and the DataPtr deleter go straight to
+//    the library (STREAMALLOC_SHIM_BOOKKEEPING=1 keeps the base class's path, for
+//    measurements).
+//  * The library's warnings become TORCH_WARNs (Python UserWarnings); init, emptyCache,
+//    setMemoryFraction and getBaseAllocation are routed to the library; errors are
+//    thrown as c10::Error (RuntimeError in Python).
 //
-// Built once by streamalloc_torch.py with torch.utils.cpp_extension.load (cached).
-// The library is opened with dlopen at install time (no link-time dependency).
+// Built once by streamalloc_torch (torch.utils.cpp_extension, cached; the library is
+// opened with dlopen at install time, no link-time dependency). With
+// STREAMALLOC_SHIM_NO_PYTHON defined it compiles without Python, for C++ programs that
+// include it (benches/gpu/torch_alloc_bench.cpp).
 
+#ifndef STREAMALLOC_SHIM_NO_PYTHON
 #include <torch/extension.h>
-#include <torch/csrc/cuda/CUDAPluggableAllocator.h>
+#endif
+#include <c10/core/CachingDeviceAllocator.h>
+#include <c10/cuda/CUDAFunctions.h>
+#include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/util/Exception.h>
+#include <torch/csrc/cuda/CUDAPluggableAllocator.h>
 
-#include <dlfcn.h>
 #include <cuda_runtime_api.h>
+#include <dlfcn.h>
 
-#include <algorithm>
-#include <atomic>
-#include <deque>
-#include <exception>
+#define STREAMALLOC_NO_CUDA_TYPES 1
+#include "streamalloc.h"
+
+#include <cstdlib>
 #include <memory>
 #include <mutex>
 #include <string>
-#include <unordered_map>
-#include <vector>
 
-namespace {
+namespace streamalloc_shim {
 
-using alloc_fn_t = void* (*)(size_t, int, cudaStream_t);
-using free_fn_t = void (*)(void*, size_t, int, cudaStream_t);
-using init_fn_t = void (*)(int);
-using status_fn_t = int (*)();
-using fraction_fn_t = void (*)(double, int);
-using base_alloc_fn_t = void* (*)(void*, size_t*);
-using record_on_fn_t = int (*)(void*, cudaStream_t, int);
-using begin_fn_t = int (*)(int, cudaStream_t);
-using end_fn_t = int (*)(int, cudaStream_t);
-using last_error_fn_t = int (*)(char*, size_t);
-
+// The library's functions, found with dlsym (types from streamalloc.h).
 struct Lib {
-  alloc_fn_t alloc = nullptr;
-  free_fn_t free = nullptr;
-  init_fn_t init = nullptr;
-  status_fn_t empty_cache = nullptr;
-  fraction_fn_t set_fraction = nullptr;
-  base_alloc_fn_t base_alloc = nullptr;
-  record_on_fn_t record_on = nullptr;
-  begin_fn_t begin_capture = nullptr;
-  end_fn_t end_capture = nullptr;
-  last_error_fn_t last_error = nullptr;
+  decltype(&streamalloc_alloc) alloc = nullptr;
+  decltype(&streamalloc_free) free = nullptr;
+  decltype(&streamalloc_init) init = nullptr;
+  decltype(&streamalloc_empty_cache) empty_cache = nullptr;
+  decltype(&streamalloc_set_memory_fraction) set_fraction = nullptr;
+  decltype(&streamalloc_base_alloc) base_alloc = nullptr;
+  decltype(&streamalloc_record_stream_on) record_on = nullptr;
+  decltype(&streamalloc_begin_capture_on) begin_capture = nullptr;
+  decltype(&streamalloc_end_capture) end_capture = nullptr;
+  decltype(&streamalloc_last_error) last_error = nullptr;
+  // ---- statistics, peer access, cache info, warnings ----
+  decltype(&streamalloc_device_memory_stats) memory_stats = nullptr;
+  decltype(&streamalloc_reset_peak_stats) reset_peak = nullptr;
+  decltype(&streamalloc_reset_accumulated_stats) reset_accumulated = nullptr;
+  decltype(&streamalloc_enable_peer_access) enable_peer = nullptr;
+  decltype(&streamalloc_cache_info_on) cache_info_on = nullptr;
+  decltype(&streamalloc_set_warning_handler) set_warning_handler = nullptr;
 };
 
-// ---- history, OOM observers, snapshot: the library's side (streamalloc.h) ----
+inline Lib lib;
+inline std::mutex install_mutex;
+inline bool installed = false;
 
-struct HistoryEntry { // streamalloc_history_entry
-  uint32_t action;
-  int32_t device;
-  uint64_t addr;
-  uint64_t size;
-  uint64_t stream;
-  uint64_t time_ns;
-  uint64_t context;
-};
-
-struct BlockEntry { // streamalloc_block
-  uint64_t ptr;
-  uint64_t requested;
-  uint64_t size;
-  uint64_t stream;
-  int32_t device;
-  int32_t state; // 0 live, 1 free deferred, 2 cached
-  int32_t captured;
-  int32_t reserved;
-};
-
-using oom_observer_fn_t = void (*)(int, size_t, size_t, size_t, void*);
-
-struct HistoryLib {
-  int (*record_history)(int, size_t, int, uint32_t) = nullptr;
-  int (*history_enabled)() = nullptr;
-  void (*set_context)(uint64_t) = nullptr;
-  size_t (*history)(HistoryEntry*, size_t) = nullptr;
-  size_t (*snapshot_blocks)(BlockEntry*, size_t) = nullptr;
-  int (*attach_oom_observer)(oom_observer_fn_t, void*) = nullptr;
-};
-
-HistoryLib hlib;
-
-Lib lib;
-std::mutex install_mutex;
-bool installed = false;
-
-std::string last_error(int* code) {
+inline std::string last_error(int* code) {
   char buf[4096];
   buf[0] = '\0';
   *code = lib.last_error(buf, sizeof(buf));
@@ -121,108 +102,27 @@ std::string last_error(int* code) {
 }
 
 // Throws the library's last error (if any) as a c10 exception.
-void check(const char* what) {
+inline void check(const char* what) {
   int code = 0;
   std::string msg = last_error(&code);
-  if (code == 1) {
+  if (code == STREAMALLOC_OUT_OF_MEMORY) {
     TORCH_CHECK_WITH(OutOfMemoryError, false, msg);
   }
   TORCH_CHECK(code == 0, "streamalloc: ", what, " failed (code ", code, "): ", msg);
 }
 
-// ---- history, OOM observers, snapshot: the shim's state ----
-
-namespace cca = c10::cuda::CUDACachingAllocator;
-
-// What PyTorch asked recordHistory for. `when` is read on every alloc/free: NEVER (the
-// default) costs that one relaxed load.
-std::atomic<int> record_when{static_cast<int>(cca::RecordContext::NEVER)};
-std::atomic<cca::CreateContextFn> recorder{nullptr};
-
-struct Contexts {
-  std::mutex m;
-  uint64_t next_id = 1;
-  size_t max_ids = 1;
-  // Frames of the newest trace entries, by the id the library stored with them.
-  std::deque<std::pair<uint64_t, std::shared_ptr<c10::GatheredContext>>> trace;
-  // Frames of live blocks (context_when_allocated), by address.
-  std::unordered_map<void*, std::shared_ptr<c10::GatheredContext>> live;
-};
-Contexts contexts;
-
-// Gathers frames if PyTorch asked for them at this level; files them for trace entries
-// (returns the id the library should record, 0: none).
-uint64_t gather_context(
-    cca::RecordContext level,
-    std::shared_ptr<c10::GatheredContext>* out) {
-  auto when = static_cast<cca::RecordContext>(record_when.load(std::memory_order_relaxed));
-  auto fn = recorder.load(std::memory_order_relaxed);
-  if (when == cca::RecordContext::NEVER || fn == nullptr) {
-    return 0;
+inline void check_status(int status, const char* what) {
+  if (status != 0) {
+    check(what);
   }
-  bool for_state = level == cca::RecordContext::STATE;
-  if (!for_state && when < level) {
-    return 0;
-  }
-  auto ctx = fn();
-  *out = ctx;
-  if (when < cca::RecordContext::ALLOC || ctx == nullptr) {
-    return 0; // STATE: frames of live blocks only
-  }
-  std::lock_guard<std::mutex> g(contexts.m);
-  uint64_t id = contexts.next_id++;
-  contexts.trace.emplace_back(id, std::move(ctx));
-  while (contexts.trace.size() > contexts.max_ids) {
-    contexts.trace.pop_front();
-  }
-  return id;
 }
 
-// An exception an OOM observer threw on this thread, rethrown by shim_alloc (PyTorch's
-// allocator lets an observer's exception propagate out of malloc).
-thread_local std::exception_ptr observer_error;
-
-void* shim_alloc_plain(size_t size, int device, cudaStream_t stream);
-
-void* shim_alloc(size_t size, int device, cudaStream_t stream) {
-  if (record_when.load(std::memory_order_relaxed) ==
-      static_cast<int>(cca::RecordContext::NEVER)) {
-    return shim_alloc_plain(size, device, stream);
-  }
-  std::shared_ptr<c10::GatheredContext> ctx;
-  uint64_t id = gather_context(cca::RecordContext::ALLOC, &ctx);
-  if (ctx == nullptr) {
-    gather_context(cca::RecordContext::STATE, &ctx);
-  }
-  hlib.set_context(id);
-  void* p = nullptr;
-  try {
-    p = shim_alloc_plain(size, device, stream);
-  } catch (...) {
-    hlib.set_context(0);
-    throw;
-  }
-  hlib.set_context(0);
-  if (p != nullptr && ctx != nullptr) {
-    std::lock_guard<std::mutex> g(contexts.m);
-    contexts.live[p] = std::move(ctx);
-  }
-  return p;
-}
-
-// ---- end of the history block's allocation hook ----
-
-void* shim_alloc_plain(size_t size, int device, cudaStream_t stream) {
+inline void* shim_alloc(size_t size, int device, cudaStream_t stream) {
   void* p = lib.alloc(size, device, stream);
-  if (observer_error) {
-    std::exception_ptr e = observer_error;
-    observer_error = nullptr;
-    std::rethrow_exception(e);
-  }
   if (p == nullptr && size > 0) {
     int code = 0;
     std::string msg = last_error(&code);
-    if (code == 1) {
+    if (code == STREAMALLOC_OUT_OF_MEMORY) {
       TORCH_CHECK_WITH(OutOfMemoryError, false, msg);
     }
     TORCH_CHECK(
@@ -232,265 +132,194 @@ void* shim_alloc_plain(size_t size, int device, cudaStream_t stream) {
   return p;
 }
 
-void shim_free(void* ptr, size_t size, int device, cudaStream_t stream) {
+inline void shim_free(void* ptr, size_t size, int device, cudaStream_t stream) {
   // Called from tensor deleters: never throws. An error stays in the library's
-  // thread-local last error (streamalloc_torch.last_error()).
-  if (record_when.load(std::memory_order_relaxed) ==
-      static_cast<int>(cca::RecordContext::NEVER)) {
-    lib.free(ptr, size, device, stream);
-    return;
-  }
-  // History block: frames of the free (context "all"), and the block's frames dropped.
-  uint64_t id = 0;
-  try {
-    std::shared_ptr<c10::GatheredContext> ctx;
-    id = gather_context(cca::RecordContext::ALL, &ctx);
-    std::lock_guard<std::mutex> g(contexts.m);
-    contexts.live.erase(ptr);
-  } catch (...) {
-    id = 0; // frames are best effort in a deleter
-  }
-  hlib.set_context(id);
+  // thread-local last error (streamalloc_torch.last_error()) and is warned about.
   lib.free(ptr, size, device, stream);
-  hlib.set_context(0);
 }
 
-// The pluggable allocator with the stream's own device passed to record_stream.
+// The DataPtr deleter of the direct path: the library keeps each block's records.
+inline void delete_direct(void* ptr) {
+  lib.free(ptr, 0, -1, nullptr);
+}
+
+// Library warnings -> TORCH_WARN (a Python UserWarning under Python). The library
+// already emits its once-only warnings once. Nothing may unwind into the library.
+inline void on_warning(int level, const char* message, void*) {
+  try {
+    TORCH_WARN(level == 2 ? "streamalloc error: " : "streamalloc: ", message);
+  } catch (...) {
+  }
+}
+
+inline void set_stat(c10::CachingAllocator::Stat& s, uint64_t current, uint64_t peak,
+                     uint64_t allocated, uint64_t freed) {
+  s.current = static_cast<int64_t>(current);
+  s.peak = static_cast<int64_t>(peak);
+  s.allocated = static_cast<int64_t>(allocated);
+  s.freed = static_cast<int64_t>(freed);
+}
+
+// The pluggable allocator with the overrides listed at the top of this file.
 struct StreamallocAllocator
     : public torch::cuda::CUDAPluggableAllocator::CUDAPluggableAllocator {
   using Base = torch::cuda::CUDAPluggableAllocator::CUDAPluggableAllocator;
-  using Base::Base;
+
+  StreamallocAllocator(bool direct)
+      : Base(shim_alloc, shim_free), direct_(direct) {}
+
+  // ---- the hot path: straight to the library unless bookkeeping was asked for ----
+
+  c10::DataPtr allocate(size_t size) override {
+    if (!direct_) {
+      return Base::allocate(size);
+    }
+    c10::DeviceIndex device = -1;
+    C10_CUDA_CHECK(c10::cuda::GetDevice(&device));
+    cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device);
+    void* p = shim_alloc(size, device, stream);
+    return {p, p, &delete_direct, c10::Device(c10::DeviceType::CUDA, device)};
+  }
+
+  c10::DeleterFnPtr raw_deleter() const override {
+    return direct_ ? &delete_direct : Base::raw_deleter();
+  }
+
+  void* raw_alloc(size_t nbytes) override {
+    if (!direct_) {
+      return Base::raw_alloc(nbytes);
+    }
+    c10::DeviceIndex device = -1;
+    C10_CUDA_CHECK(c10::cuda::GetDevice(&device));
+    return shim_alloc(nbytes, device, c10::cuda::getCurrentCUDAStream(device));
+  }
+
+  void* raw_alloc_with_stream(size_t nbytes, cudaStream_t stream) override {
+    if (!direct_) {
+      return Base::raw_alloc_with_stream(nbytes, stream);
+    }
+    c10::DeviceIndex device = -1;
+    C10_CUDA_CHECK(c10::cuda::GetDevice(&device));
+    return shim_alloc(nbytes, device, stream);
+  }
+
+  void raw_delete(void* ptr) override {
+    if (!direct_) {
+      return Base::raw_delete(ptr);
+    }
+    delete_direct(ptr);
+  }
+
+  // ---- streams ----
 
   void recordStream(const c10::DataPtr& ptr, c10::cuda::CUDAStream stream) override {
     if (ptr.get() == nullptr) {
       return;
     }
-    if (lib.record_on(ptr.get(), stream.stream(), stream.device_index()) != 0) {
-      check("record_stream");
-    }
+    check_status(lib.record_on(ptr.get(), stream.stream(), stream.device_index()),
+                 "record_stream");
   }
 
-  // ---- history, OOM observers, snapshot ----
+  // ---- statistics ----
 
-  bool isHistoryEnabled() override {
-    return hlib.history_enabled() != 0;
+  c10::CachingDeviceAllocator::DeviceStats getDeviceStats(c10::DeviceIndex device) override {
+    streamalloc_memory_stats s{};
+    check_status(lib.memory_stats(device, &s, sizeof(s)), "memory_stats");
+    c10::CachingDeviceAllocator::DeviceStats stats;
+    constexpr auto all = static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE);
+    set_stat(stats.allocated_bytes[all], s.allocated_current, s.allocated_peak,
+             s.allocated_total, s.freed_total);
+    set_stat(stats.requested_bytes[all], s.allocated_current, s.allocated_peak,
+             s.allocated_total, s.freed_total);
+    set_stat(stats.active_bytes[all], s.pool_used_current, s.pool_used_peak, 0, 0);
+    set_stat(stats.reserved_bytes[all], s.reserved_current, s.reserved_peak, 0, 0);
+    set_stat(stats.allocation[all], s.allocations_current, s.allocations_peak,
+             s.allocations_total, s.frees_total);
+    set_stat(stats.active[all], s.allocations_current, s.allocations_peak,
+             s.allocations_total, s.frees_total);
+    stats.num_alloc_retries = static_cast<int64_t>(s.num_alloc_retries);
+    stats.num_ooms = static_cast<int64_t>(s.num_ooms);
+    stats.num_device_alloc = static_cast<int64_t>(s.cache_misses);
+    return stats;
   }
 
-  void recordHistory(
-      bool enabled,
-      cca::CreateContextFn context_recorder,
-      size_t alloc_trace_max_entries,
-      cca::RecordContext when,
-      bool clearHistory,
-      const std::vector<std::string>& skip_actions) override {
-    TORCH_CHECK(
-        when == cca::RecordContext::NEVER || context_recorder,
-        "streamalloc: recordHistory needs a context recorder to record contexts");
-    uint32_t skip = 0;
-    for (const auto& name : skip_actions) {
-      skip |= 1u << static_cast<unsigned>(c10::CachingDeviceAllocator::parseTraceEntryAction(name));
-    }
-    size_t max_entries = alloc_trace_max_entries == 0 ? 1 : alloc_trace_max_entries;
-    {
-      std::lock_guard<std::mutex> g(contexts.m);
-      record_when.store(
-          static_cast<int>(enabled ? when : cca::RecordContext::NEVER),
-          std::memory_order_relaxed);
-      recorder.store(enabled ? context_recorder : nullptr, std::memory_order_relaxed);
-      contexts.max_ids = std::min<size_t>(max_entries, size_t(1) << 22);
-      if (!enabled || clearHistory) {
-        contexts.trace.clear();
-      }
-      if (!enabled) {
-        contexts.live.clear();
-      }
-      while (contexts.trace.size() > contexts.max_ids) {
-        contexts.trace.pop_front();
-      }
-    }
-    if (hlib.record_history(enabled ? 1 : 0, max_entries, clearHistory ? 1 : 0, skip) != 0) {
-      check("record_history");
-    }
+  void resetPeakStats(c10::DeviceIndex device) override {
+    check_status(lib.reset_peak(device), "reset_peak_stats");
   }
 
-  cca::SnapshotInfo snapshot(c10::MempoolId_t mempool_id, bool include_traces) override {
-    cca::SnapshotInfo info;
-    info.config_metadata.garbage_collection_threshold = 0;
-    info.config_metadata.max_split_size = 0;
-    info.config_metadata.pinned_num_register_threads = 0;
-    info.config_metadata.expandable_segments = false;
-    info.config_metadata.release_lock_on_malloc = false;
-    info.config_metadata.pinned_use_host_register = false;
-    info.config_metadata.graph_capture_record_stream_reuse = false;
-    info.config_metadata.last_allocator_settings = "streamalloc";
-    // streamalloc has no private pools: every block is in the default pool {0, 0}.
-    bool default_pool = mempool_id.first == 0 && mempool_id.second == 0;
-    std::vector<BlockEntry> blocks(hlib.snapshot_blocks(nullptr, 0) + 256);
-    size_t n = hlib.snapshot_blocks(blocks.data(), blocks.size());
-    if (n > blocks.size()) { // more arrived meanwhile: once more, larger
-      blocks.resize(n + 4096);
-      n = hlib.snapshot_blocks(blocks.data(), blocks.size());
-    }
-    blocks.resize(std::min(n, blocks.size()));
-    std::unordered_map<void*, std::shared_ptr<c10::GatheredContext>> live;
-    {
-      std::lock_guard<std::mutex> g(contexts.m);
-      live = contexts.live;
-    }
-    for (const auto& b : default_pool ? blocks : std::vector<BlockEntry>{}) {
-      c10::CachingDeviceAllocator::SegmentInfo seg;
-      seg.device = static_cast<c10::DeviceIndex>(b.device);
-      seg.address = b.ptr;
-      seg.total_size = b.size;
-      seg.requested_size = b.requested;
-      seg.allocated_size = b.state == 0 ? b.size : 0;
-      seg.active_size = b.state != 2 ? b.size : 0;
-      seg.stream = reinterpret_cast<void*>(b.stream);
-      seg.is_large = b.size > (size_t(1) << 20); // PyTorch's small pool: <= 1 MiB
-      seg.is_expandable = false;
-      c10::CachingDeviceAllocator::BlockInfo blk;
-      blk.size = b.size;
-      blk.requested_size = b.requested;
-      blk.allocated = b.state == 0;
-      blk.active = b.state != 2;
-      auto it = live.find(reinterpret_cast<void*>(b.ptr));
-      if (b.state != 2 && it != live.end()) {
-        blk.context_when_allocated = it->second;
-      }
-      seg.blocks.push_back(std::move(blk));
-      info.segments.push_back(std::move(seg));
-    }
-    int devices = c10::cuda::device_count();
-    info.device_traces.resize(std::max(devices, 1));
-    if (!include_traces || !default_pool) {
-      return info;
-    }
-    std::vector<HistoryEntry> entries(hlib.history(nullptr, 0) + 1024);
-    n = hlib.history(entries.data(), entries.size());
-    entries.resize(std::min(n, entries.size()));
-    std::unordered_map<uint64_t, std::shared_ptr<c10::GatheredContext>> ctx;
-    {
-      std::lock_guard<std::mutex> g(contexts.m);
-      for (const auto& [id, c] : contexts.trace) {
-        ctx.emplace(id, c);
-      }
-    }
-    for (const auto& e : entries) {
-      if (e.device < 0 || e.device >= static_cast<int32_t>(info.device_traces.size())) {
-        continue;
-      }
-      std::shared_ptr<c10::GatheredContext> c;
-      if (e.context != 0) {
-        auto it = ctx.find(e.context);
-        if (it != ctx.end()) {
-          c = it->second;
-        }
-      }
-      c10::CachingDeviceAllocator::TraceEntry te(
-          static_cast<c10::CachingDeviceAllocator::TraceEntry::Action>(e.action),
-          static_cast<c10::DeviceIndex>(e.device),
-          e.addr,
-          e.size,
-          reinterpret_cast<void*>(e.stream),
-          c10::MempoolId_t{0, 0},
-          0,
-          std::move(c));
-      te.time_.t_ = static_cast<c10::time_t>(e.time_ns / 1000); // microseconds
-      info.device_traces[e.device].push_back(std::move(te));
-    }
-    return info;
+  void resetAccumulatedStats(c10::DeviceIndex device) override {
+    check_status(lib.reset_accumulated(device), "reset_accumulated_stats");
   }
 
-  void attachOutOfMemoryObserver(cca::OutOfMemoryObserver observer) override;
+  // ---- cudnn's workspace guess, peers, copies ----
+
+  void cacheInfo(c10::DeviceIndex device, size_t* largestBlock) override {
+    c10::cuda::CUDAGuard g(device);
+    cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device);
+    check_status(lib.cache_info_on(device, stream, largestBlock), "cache_info");
+  }
+
+  void enablePeerAccess(c10::DeviceIndex dev, c10::DeviceIndex dev_to_access) override {
+    check_status(lib.enable_peer(dev, dev_to_access), "enable_peer_access");
+  }
+
+  cudaError_t memcpyAsync(void* dst, int dstDevice, const void* src, int srcDevice,
+                          size_t count, cudaStream_t stream, bool p2p_enabled) override {
+    if (p2p_enabled || dstDevice == srcDevice) {
+      return cudaMemcpyAsync(dst, src, count, cudaMemcpyDeviceToDevice, stream);
+    }
+    return cudaMemcpyPeerAsync(dst, dstDevice, src, srcDevice, count, stream);
+  }
+
+ private:
+  bool direct_;
 };
-
-// ---- history, OOM observers, snapshot: PyTorch's OOM observers ----
-
-struct Observers {
-  std::mutex m;
-  std::vector<cca::OutOfMemoryObserver> list;
-  bool registered = false;
-};
-Observers observers;
-
-// Called by the library on the allocating thread, with no allocator lock held. Must
-// not unwind into the library: an exception is kept for shim_alloc to rethrow.
-void oom_trampoline(int device, size_t requested, size_t total, size_t free, void*) {
-  std::vector<cca::OutOfMemoryObserver> local;
-  {
-    std::lock_guard<std::mutex> g(observers.m);
-    local = observers.list;
-  }
-  for (const auto& obs : local) {
-    try {
-      obs(device, requested, total, free);
-    } catch (...) {
-      if (!observer_error) {
-        observer_error = std::current_exception();
-      }
-    }
-  }
-}
-
-void StreamallocAllocator::attachOutOfMemoryObserver(cca::OutOfMemoryObserver observer) {
-  std::lock_guard<std::mutex> g(observers.m);
-  observers.list.push_back(std::move(observer));
-  if (!observers.registered) {
-    if (hlib.attach_oom_observer(&oom_trampoline, nullptr) != 0) {
-      observers.list.pop_back();
-      check("attach_oom_observer");
-    }
-    observers.registered = true;
-  }
-}
-
-// ---- end of the history block ----
 
 template <typename T>
 T sym(void* handle, const char* name) {
   void* p = dlsym(handle, name);
-  TORCH_CHECK(p != nullptr, "streamalloc: symbol ", name, " not found: ", dlerror());
+  TORCH_CHECK(p != nullptr, "streamalloc: symbol ", name, " not found: ", dlerror(),
+              " (is the library older than the shim?)");
   return reinterpret_cast<T>(p);
 }
 
-// Opens the library, builds the allocator, makes it PyTorch's. Must run before CUDA is
-// first used (PyTorch refuses to swap an initialized allocator).
-void install(const std::string& lib_path) {
-  std::lock_guard<std::mutex> g(install_mutex);
-  if (installed) {
+// Opens the library and fills `lib` (idempotent; under install_mutex).
+inline void open_library(const std::string& lib_path) {
+  if (lib.alloc != nullptr) {
     return;
   }
   void* h = dlopen(lib_path.c_str(), RTLD_NOW | RTLD_GLOBAL);
   TORCH_CHECK(h != nullptr, "streamalloc: cannot open ", lib_path, ": ", dlerror());
-  lib.alloc = sym<alloc_fn_t>(h, "streamalloc_alloc");
-  lib.free = sym<free_fn_t>(h, "streamalloc_free");
-  lib.init = sym<init_fn_t>(h, "streamalloc_init");
-  lib.empty_cache = sym<status_fn_t>(h, "streamalloc_empty_cache");
-  lib.set_fraction = sym<fraction_fn_t>(h, "streamalloc_set_memory_fraction");
-  lib.base_alloc = sym<base_alloc_fn_t>(h, "streamalloc_base_alloc");
-  lib.record_on = sym<record_on_fn_t>(h, "streamalloc_record_stream_on");
-  lib.begin_capture = sym<begin_fn_t>(h, "streamalloc_begin_capture_on");
-  lib.end_capture = sym<end_fn_t>(h, "streamalloc_end_capture");
-  lib.last_error = sym<last_error_fn_t>(h, "streamalloc_last_error");
-  // History block.
-  hlib.record_history = sym<decltype(hlib.record_history)>(h, "streamalloc_record_history");
-  hlib.history_enabled = sym<decltype(hlib.history_enabled)>(h, "streamalloc_history_enabled");
-  hlib.set_context = sym<decltype(hlib.set_context)>(h, "streamalloc_history_set_context");
-  hlib.history = sym<decltype(hlib.history)>(h, "streamalloc_history");
-  hlib.snapshot_blocks = sym<decltype(hlib.snapshot_blocks)>(h, "streamalloc_snapshot_blocks");
-  hlib.attach_oom_observer =
-      sym<decltype(hlib.attach_oom_observer)>(h, "streamalloc_attach_oom_observer");
+  Lib l;
+  l.alloc = sym<decltype(l.alloc)>(h, "streamalloc_alloc");
+  l.free = sym<decltype(l.free)>(h, "streamalloc_free");
+  l.init = sym<decltype(l.init)>(h, "streamalloc_init");
+  l.empty_cache = sym<decltype(l.empty_cache)>(h, "streamalloc_empty_cache");
+  l.set_fraction = sym<decltype(l.set_fraction)>(h, "streamalloc_set_memory_fraction");
+  l.base_alloc = sym<decltype(l.base_alloc)>(h, "streamalloc_base_alloc");
+  l.record_on = sym<decltype(l.record_on)>(h, "streamalloc_record_stream_on");
+  l.begin_capture = sym<decltype(l.begin_capture)>(h, "streamalloc_begin_capture_on");
+  l.end_capture = sym<decltype(l.end_capture)>(h, "streamalloc_end_capture");
+  l.last_error = sym<decltype(l.last_error)>(h, "streamalloc_last_error");
+  l.memory_stats = sym<decltype(l.memory_stats)>(h, "streamalloc_device_memory_stats");
+  l.reset_peak = sym<decltype(l.reset_peak)>(h, "streamalloc_reset_peak_stats");
+  l.reset_accumulated =
+      sym<decltype(l.reset_accumulated)>(h, "streamalloc_reset_accumulated_stats");
+  l.enable_peer = sym<decltype(l.enable_peer)>(h, "streamalloc_enable_peer_access");
+  l.cache_info_on = sym<decltype(l.cache_info_on)>(h, "streamalloc_cache_info_on");
+  l.set_warning_handler =
+      sym<decltype(l.set_warning_handler)>(h, "streamalloc_set_warning_handler");
+  lib = l;
+}
 
-  auto a = std::make_shared<StreamallocAllocator>(shim_alloc, shim_free);
+// Builds the allocator (direct: skip the base class's bookkeeping).
+inline std::shared_ptr<StreamallocAllocator> make_allocator(bool direct) {
+  auto a = std::make_shared<StreamallocAllocator>(direct);
   a->set_init_fn([](int n) {
     lib.init(n);
     check("init");
   });
-  a->set_reset_fn([]() {
-    if (lib.empty_cache() != 0) {
-      check("empty_cache");
-    }
-  });
+  a->set_reset_fn([]() { check_status(lib.empty_cache(), "empty_cache"); });
   a->set_memory_fraction_fn([](double f, int device) {
     lib.set_fraction(f, device);
     check("set_memory_fraction");
@@ -509,32 +338,48 @@ void install(const std::string& lib_path) {
         // before it calls endAllocateToPool).
         cudaStream_t s =
             c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(device)).stream();
-        if (lib.begin_capture(device, s) != 0) {
-          check("begin_capture");
-        }
+        check_status(lib.begin_capture(device, s), "begin_capture");
       });
   a->set_end_allocate_to_pool_fn([](int device, c10::cuda::MempoolId_t) {
     cudaStream_t s =
         c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(device)).stream();
-    if (lib.end_capture(device, s) != 0) {
-      check("end_capture");
-    }
+    check_status(lib.end_capture(device, s), "end_capture");
   });
   a->set_release_pool([](int, c10::cuda::MempoolId_t) {});
-  torch::cuda::CUDAPluggableAllocator::changeCurrentAllocator(a);
-  installed = true;
+  return a;
 }
 
-bool is_installed() {
+// Opens the library, builds the allocator, makes it PyTorch's. Must run before CUDA is
+// first used (PyTorch refuses to swap an initialized allocator). Returns whether the
+// direct path is on.
+inline bool install(const std::string& lib_path) {
+  std::lock_guard<std::mutex> g(install_mutex);
+  const char* keep = std::getenv("STREAMALLOC_SHIM_BOOKKEEPING");
+  bool direct = !(keep != nullptr && std::string(keep) == "1");
+  if (installed) {
+    return direct;
+  }
+  open_library(lib_path);
+  lib.set_warning_handler(&on_warning, nullptr);
+  torch::cuda::CUDAPluggableAllocator::changeCurrentAllocator(make_allocator(direct));
+  installed = true;
+  return direct;
+}
+
+inline bool is_installed() {
   std::lock_guard<std::mutex> g(install_mutex);
   return installed;
 }
 
-} // namespace
+} // namespace streamalloc_shim
 
+#ifndef STREAMALLOC_SHIM_NO_PYTHON
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "streamalloc as PyTorch's CUDA allocator (see streamalloc_torch.py)";
-  m.def("install", &install, "Make libstreamalloc PyTorch's CUDA allocator",
+  m.doc() = "streamalloc as PyTorch's CUDA allocator (see streamalloc_torch)";
+  m.def("install", &streamalloc_shim::install,
+        "Make libstreamalloc PyTorch's CUDA allocator; returns whether the direct path "
+        "(no base-class bookkeeping) is on",
         py::arg("lib_path"));
-  m.def("installed", &is_installed, "Whether install() ran");
+  m.def("installed", &streamalloc_shim::is_installed, "Whether install() ran");
 }
+#endif

@@ -3,30 +3,39 @@
     import streamalloc_torch
     streamalloc_torch.install()          # before CUDA is first used
     x = torch.empty(1 << 20, device="cuda")
+    torch.cuda.memory_allocated(), torch.cuda.memory_stats()   # answered by streamalloc
 
 install() loads libstreamalloc.so (argument, env STREAMALLOC_LIB, or next to this
-file), builds the small C++ shim torch_shim.cpp once (cached by
-torch.utils.cpp_extension under STREAMALLOC_SHIM_CACHE or ~/.cache/streamalloc_torch),
-and makes it PyTorch's allocator. With the shim, an allocation failure raises
-torch.cuda.OutOfMemoryError with the seed's message, graph capture is routed to the
-library's begin/end capture, and record_stream passes the stream's own device.
+file, as the installed package has it), builds the small C++ shim torch_shim.cpp once
+(cached by torch.utils.cpp_extension under STREAMALLOC_SHIM_CACHE or
+~/.cache/streamalloc_torch; a C++ compiler is needed, a clear error says so when none
+is found) and makes it PyTorch's allocator. With the shim, PyTorch's memory API works
+as with PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync: torch.cuda.memory_stats() and
+the functions built on it, reset_peak_memory_stats(), cudnn.benchmark (cacheInfo),
+cross-device copies (peer access to the pool), graph capture, record_stream, and an
+allocation failure raises torch.cuda.OutOfMemoryError with the seed's message. The
+library's warnings arrive as Python UserWarnings.
 
-If the shim cannot be built (no compiler), install(require_shim=False) falls back to
+Configuration: STREAMALLOC_CONF, e.g. "cache:on,max_cache_mb:2048" (see config() and
+the README); install() checks it first and raises ValueError naming a bad key.
+
+If the shim cannot be built, install(require_shim=False) falls back to
 torch.cuda.memory.CUDAPluggableAllocator on the library's plain C hooks: allocation
 works, but PyTorch does not check for NULL (an OOM gives a tensor without memory; check
-last_error()), and graph capture is not routed (do not capture with it).
+last_error()), memory_stats and cudnn.benchmark fail, and graph capture is not routed.
 
-Stats, peak reset, empty_cache, memory fraction and the last error come from the
-library's own C functions (PyTorch does not route them to a pluggable allocator).
-No dependencies beyond torch.
+stats(), reset_peak(), empty_cache(), set_memory_fraction(), last_error() call the
+library directly (they work in either mode). No dependencies beyond torch.
 """
 
 import ctypes
 import os
+import shutil
 
 __all__ = [
-    "install", "installed", "stats", "reset_peak", "empty_cache",
-    "set_memory_fraction", "last_error", "backend", "cache_info", "lib_path",
+    "install", "installed", "stats", "reset_peak", "reset_accumulated", "empty_cache",
+    "set_memory_fraction", "last_error", "backend", "cache_info", "lib_path", "config",
+    "check_config",
 ]
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -34,11 +43,16 @@ _lib = None
 _lib_path = None
 _mode = None  # "shim" or "plain"
 
+# streamalloc_memory_stats in streamalloc.h (fields only ever added at the end).
+_STAT_FIELDS = (
+    "allocated_current", "allocated_peak", "allocated_total", "freed_total",
+    "allocations_current", "allocations_peak", "allocations_total", "frees_total",
+    "reserved_current", "reserved_peak", "pool_used_current", "pool_used_peak",
+    "cached_current", "cache_hits", "cache_misses", "num_alloc_retries", "num_ooms")
+
 
 class _Stats(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_uint64) for name in (
-        "reserved_current", "reserved_peak", "used_current", "used_peak",
-        "allocated_current", "cached_current", "hits", "misses")]
+    _fields_ = [(name, ctypes.c_uint64) for name in _STAT_FIELDS]
 
 
 def _find_lib(path):
@@ -48,7 +62,15 @@ def _find_lib(path):
             return os.path.abspath(cand)
     raise FileNotFoundError(
         "libstreamalloc.so not found: pass install(lib_path=...), set STREAMALLOC_LIB, "
-        "or put it next to streamalloc_torch.py")
+        "or install the package (pip install . from the repository)")
+
+
+def _find_source(name):
+    """A shim source file: next to this module (installed package), or in src/capi/."""
+    for cand in (os.path.join(_HERE, name), os.path.join(_HERE, "..", name)):
+        if os.path.exists(cand):
+            return os.path.abspath(cand)
+    raise FileNotFoundError(f"{name} not found next to {__file__} or in its parent")
 
 
 def _load(path):
@@ -56,74 +78,102 @@ def _load(path):
     if _lib is not None:
         return _lib
     lib = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
-    vp, cs, i = ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int
-    lib.streamalloc_device_stats.argtypes = [i, ctypes.POINTER(_Stats)]
-    lib.streamalloc_device_stats.restype = i
-    lib.streamalloc_reset_peak_stats.argtypes = [i]
-    lib.streamalloc_reset_peak_stats.restype = i
-    lib.streamalloc_empty_cache.argtypes = []
-    lib.streamalloc_empty_cache.restype = i
-    lib.streamalloc_set_memory_fraction.argtypes = [ctypes.c_double, i]
-    lib.streamalloc_set_memory_fraction.restype = None
-    lib.streamalloc_last_error.argtypes = [ctypes.c_char_p, cs]
-    lib.streamalloc_last_error.restype = i
-    lib.streamalloc_last_error_code.argtypes = []
-    lib.streamalloc_last_error_code.restype = i
-    lib.streamalloc_backend.argtypes = []
-    lib.streamalloc_backend.restype = ctypes.c_char_p
-    lib.streamalloc_cache_info.argtypes = [i]
-    lib.streamalloc_cache_info.restype = cs
-    lib.streamalloc_alloc.argtypes = [cs, i, vp]
-    lib.streamalloc_alloc.restype = vp
+    vp, cs, i, cp = ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_char_p
+    sig = {
+        "streamalloc_device_memory_stats": ([i, ctypes.POINTER(_Stats), cs], i),
+        "streamalloc_reset_peak_stats": ([i], i),
+        "streamalloc_reset_accumulated_stats": ([i], i),
+        "streamalloc_empty_cache": ([], i),
+        "streamalloc_set_memory_fraction": ([ctypes.c_double, i], None),
+        "streamalloc_last_error": ([cp, cs], i),
+        "streamalloc_last_error_code": ([], i),
+        "streamalloc_backend": ([], cp),
+        "streamalloc_cache_info_on": ([i, vp, ctypes.POINTER(cs)], i),
+        "streamalloc_alloc": ([cs, i, vp], vp),
+        "streamalloc_free": ([vp, cs, i, vp], None),
+        "streamalloc_parse_config": ([cp], i),
+        "streamalloc_config": ([cp, cs], i),
+    }
+    for name, (args, res) in sig.items():
+        f = getattr(lib, name)
+        f.argtypes, f.restype = args, res
     _lib, _lib_path = lib, path
     return lib
 
 
+def _compiler():
+    """The C++ compiler the shim is built with, or a clear error."""
+    names = [os.environ.get("CXX"), "c++", "g++", "clang++"]
+    for name in filter(None, names):
+        found = shutil.which(name)
+        if found:
+            return found
+    raise RuntimeError(
+        "streamalloc: no C++ compiler found (looked for $CXX, c++, g++, clang++). The "
+        "PyTorch shim is compiled once on first use: install one (for example "
+        "`apt-get install g++`) or set CXX; install(require_shim=False) runs without the "
+        "shim (no OutOfMemoryError, no memory_stats, no cudnn.benchmark)")
+
+
 def _build_shim():
     from torch.utils import cpp_extension
+    cxx = _compiler()
     cache = os.environ.get("STREAMALLOC_SHIM_CACHE",
                            os.path.join(os.path.expanduser("~"), ".cache", "streamalloc_torch"))
     os.makedirs(cache, exist_ok=True)
-    src = os.environ.get("STREAMALLOC_SHIM_SRC", os.path.join(_HERE, "torch_shim.cpp"))
-    if not os.path.exists(src):
-        src = os.path.join(_HERE, "..", "torch_shim.cpp")
+    src = os.environ.get("STREAMALLOC_SHIM_SRC") or _find_source("torch_shim.cpp")
+    include = os.path.dirname(_find_source("streamalloc.h"))
+    verbose = bool(os.environ.get("STREAMALLOC_VERBOSE"))
+    if shutil.which("ninja") or _has_ninja_module():
+        try:
+            return cpp_extension.load(
+                name="streamalloc_torch_shim", sources=[src], build_directory=cache,
+                extra_include_paths=[include], extra_ldflags=["-ldl"], with_cuda=True,
+                verbose=verbose)
+        except Exception as e:  # noqa: BLE001 - fall back to a direct compiler call
+            first = e
+    else:
+        first = "ninja not found"
     try:
-        return cpp_extension.load(
-            name="streamalloc_torch_shim", sources=[src], build_directory=cache,
-            extra_ldflags=["-ldl"], with_cuda=True,
-            verbose=bool(os.environ.get("STREAMALLOC_VERBOSE")))
-    except Exception as e:  # typically: ninja missing. Build with g++ directly.
-        first = e
-    try:
-        return _build_shim_gxx(cpp_extension, src, cache)
+        return _build_shim_direct(cpp_extension, cxx, src, include, cache)
     except Exception as e:
-        raise RuntimeError(f"cpp_extension.load: {first}; direct g++ build: {e}") from e
+        raise RuntimeError(f"cpp_extension.load: {first}; direct {cxx} build: {e}") from e
 
 
-def _build_shim_gxx(ce, src, cache):
-    """Builds the shim with g++ without ninja (same flags as cpp_extension uses)."""
+def _has_ninja_module():
+    try:
+        import ninja  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def _build_shim_direct(ce, cxx, src, include, cache):
+    """Builds the shim with the compiler directly (no ninja), with cpp_extension's flags."""
     import importlib.util
     import subprocess
     import sysconfig
     import torch
-    out = os.path.join(cache, "streamalloc_torch_shim_gxx.so")
-    if not os.path.exists(out) or os.path.getmtime(out) < os.path.getmtime(src):
+    out = os.path.join(cache, "streamalloc_torch_shim_direct.so")
+    newest = max(os.path.getmtime(src), os.path.getmtime(os.path.join(include, "streamalloc.h")))
+    if not os.path.exists(out) or os.path.getmtime(out) < newest:
         try:
             incs, libs = ce.include_paths("cuda"), ce.library_paths("cuda")
         except TypeError:  # older torch
             incs, libs = ce.include_paths(cuda=True), ce.library_paths(cuda=True)
         abi = getattr(ce, "_get_pybind11_abi_build_flags", lambda: [])()
         cxx11 = int(getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", True))
-        cmd = (["g++", "-O2", "-shared", "-fPIC", "-std=c++17", src, "-o", out + ".tmp",
+        cmd = ([cxx, "-O2", "-shared", "-fPIC", "-std=c++17", src, "-o", out + ".tmp",
                 "-DTORCH_EXTENSION_NAME=streamalloc_torch_shim", "-DTORCH_API_INCLUDE_EXTENSION_H",
-                f"-D_GLIBCXX_USE_CXX11_ABI={cxx11}", "-I" + sysconfig.get_paths()["include"]]
+                f"-D_GLIBCXX_USE_CXX11_ABI={cxx11}", "-I" + include,
+                "-I" + sysconfig.get_paths()["include"]]
                + abi + ["-I" + d for d in incs] + ["-L" + d for d in libs]
                + ["-Wl,-rpath," + d for d in libs]
                + ["-lc10", "-lc10_cuda", "-ltorch", "-ltorch_cpu", "-ltorch_cuda", "-ltorch_python",
                   "-lcudart", "-ldl"])
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0:
-            raise RuntimeError("g++ failed: " + r.stderr[-4000:])
+            raise RuntimeError("compiler failed: " + r.stderr[-4000:])
         os.replace(out + ".tmp", out)
     spec = importlib.util.spec_from_file_location("streamalloc_torch_shim", out)
     mod = importlib.util.module_from_spec(spec)
@@ -141,6 +191,9 @@ def install(lib_path=None, require_shim=True):
     import torch
     path = _find_lib(lib_path)
     _load(path)
+    conf = os.environ.get("STREAMALLOC_CONF")
+    if conf is not None:
+        check_config(conf)
     try:
         shim = _build_shim()
     except Exception as e:  # no compiler, no CUDA headers...
@@ -180,16 +233,39 @@ def _check(code, what):
         raise RuntimeError(f"streamalloc {what} failed (code {c}): {msg}")
 
 
+def check_config(conf):
+    """Raises ValueError naming the problem if conf is not a valid STREAMALLOC_CONF."""
+    lib = _require()
+    if lib.streamalloc_parse_config(conf.encode()) != 0:
+        raise ValueError(last_error()[1])
+
+
+def config():
+    """The allocator's configuration in STREAMALLOC_CONF form (every key)."""
+    lib = _require()
+    buf = ctypes.create_string_buffer(1024)
+    _check(lib.streamalloc_config(buf, len(buf)), "config")
+    return buf.value.decode()
+
+
 def stats(device=0):
-    """The device's statistics as a dict (bytes; hits/misses are counts)."""
+    """The device's memory statistics as a dict (streamalloc_memory_stats in
+    streamalloc.h: exact allocated bytes and counts, pool reserved and used bytes,
+    cache hits and misses, num_alloc_retries, num_ooms)."""
     s = _Stats()
-    _check(_require().streamalloc_device_stats(int(device), ctypes.byref(s)), "stats")
-    return {name: int(getattr(s, name)) for name, _ in _Stats._fields_}
+    _check(_require().streamalloc_device_memory_stats(int(device), ctypes.byref(s),
+                                                      ctypes.sizeof(s)), "stats")
+    return {name: int(getattr(s, name)) for name in _STAT_FIELDS}
 
 
 def reset_peak(device=0):
-    """Resets the device's reserved and used high watermarks."""
+    """Resets the device's high watermarks (as torch.cuda.reset_peak_memory_stats)."""
     _check(_require().streamalloc_reset_peak_stats(int(device)), "reset_peak")
+
+
+def reset_accumulated(device=0):
+    """Resets the device's totals (as torch.cuda.reset_accumulated_memory_stats)."""
+    _check(_require().streamalloc_reset_accumulated_stats(int(device)), "reset_accumulated")
 
 
 def empty_cache():
@@ -204,12 +280,13 @@ def set_memory_fraction(fraction, device=0):
     _check(lib.streamalloc_last_error_code(), "set_memory_fraction")
 
 
-def cache_info(device=0):
-    """The largest block that can be allocated on device now (bytes)."""
-    lib = _require()
-    n = lib.streamalloc_cache_info(int(device))
-    _check(lib.streamalloc_last_error_code(), "cache_info")
-    return int(n)
+def cache_info(device=0, stream=None):
+    """The largest block that can be allocated on device now (bytes), by trial
+    allocations on stream (a cudaStream_t as an int; default the legacy stream)."""
+    out = ctypes.c_size_t(0)
+    _check(_require().streamalloc_cache_info_on(int(device), stream, ctypes.byref(out)),
+           "cache_info")
+    return int(out.value)
 
 
 def backend():
