@@ -61,6 +61,8 @@ const VARIANTS: &[Variant] = &[
     Variant { name: "streamalloc_delegate_always", on: On::Device },
     Variant { name: "streamalloc_cached", on: On::Device },
     Variant { name: "streamalloc_cached_ptr", on: On::Device },
+    Variant { name: "streamalloc_cached_lean", on: On::Device },
+    Variant { name: "streamalloc_cached_lean_ptr", on: On::Device },
     Variant { name: "streamalloc_cached_history", on: On::Device },
     Variant { name: "streamalloc_cached_ptr_history", on: On::Device },
     Variant { name: "seed_replica_null", on: On::Null },
@@ -123,6 +125,15 @@ fn measure<D: BenchDevice>(
         }
         "streamalloc_cached_ptr" => {
             let a = StreamAlloc::new(dev.clone()).map_err(err)?;
+            go(&PtrApi(&a), dev, streams, threads, iters)
+        }
+        // The memory-lean release preset (the C ABI's default).
+        "streamalloc_cached_lean" => {
+            let a = StreamAlloc::with_cache(dev.clone(), CacheConfig::lean()).map_err(err)?;
+            go(&HandleApi(&a), dev, streams, threads, iters)
+        }
+        "streamalloc_cached_lean_ptr" => {
+            let a = StreamAlloc::with_cache(dev.clone(), CacheConfig::lean()).map_err(err)?;
             go(&PtrApi(&a), dev, streams, threads, iters)
         }
         // History on (a ring of 100k entries, as memory_viz users set it): what recording
@@ -409,27 +420,42 @@ fn real_main(mut o: Opts) -> Result<(), String> {
             write_csv(path, &rows, &extra_rows)?;
         }
     }
-    // Peak reserved against peak live bytes with the front cache (untimed runs).
+    // Peak reserved against peak live bytes (untimed runs): the fast default, the lean
+    // preset, and passthrough (the driver's pool alone: the baseline).
     if VARIANTS.iter().any(|v| v.name == "streamalloc_cached" && wanted(v)) {
-        for &t in &thread_counts {
-            let r = match (&device, &device_streams) {
-                (Some(DeviceBackend::Cuda(d)), Some(s)) => {
-                    workload::reserve_ratio(d, s, t, o.iters)
+        let configs = [
+            ("reserved_over_live_peak", CacheConfig::default()),
+            ("reserved_over_live_peak_lean", CacheConfig::lean()),
+            ("reserved_over_live_peak_passthrough", CacheConfig::passthrough()),
+        ];
+        for (variant, cache) in configs {
+            for &t in &thread_counts {
+                let r = match (&device, &device_streams) {
+                    (Some(DeviceBackend::Cuda(d)), Some(s)) => {
+                        workload::reserve_ratio(d, s, t, o.iters, cache)
+                    }
+                    (Some(DeviceBackend::Sim(d)), Some(s)) => {
+                        workload::reserve_ratio(d, s, t, o.iters, cache)
+                    }
+                    _ => continue,
+                };
+                match r {
+                    Ok((reserved, live)) => {
+                        let ratio = reserved as f64 / live.max(1) as f64;
+                        println!(
+                            "{variant} threads {t:>2}: peak reserved {reserved} B, peak live \
+                             {live} B, ratio {ratio:.3} (target <= 1.25)"
+                        );
+                        let variant = variant.to_string();
+                        extra_rows.push(Row {
+                            gpu: gpu.clone(),
+                            variant,
+                            threads: t,
+                            value: ratio,
+                        });
+                    }
+                    Err(e) => println!("{variant} probe at {t} threads failed: {e}"),
                 }
-                (Some(DeviceBackend::Sim(d)), Some(s)) => workload::reserve_ratio(d, s, t, o.iters),
-                _ => continue,
-            };
-            match r {
-                Ok((reserved, live)) => {
-                    let ratio = reserved as f64 / live.max(1) as f64;
-                    println!(
-                        "streamalloc_cached threads {t:>2}: peak reserved {reserved} B, peak \
-                         live {live} B, ratio {ratio:.3} (target <= 1.25)"
-                    );
-                    let variant = "reserved_over_live_peak".to_string();
-                    extra_rows.push(Row { gpu: gpu.clone(), variant, threads: t, value: ratio });
-                }
-                Err(e) => println!("peak reserved probe at {t} threads failed: {e}"),
             }
         }
         if let Some(path) = &o.csv {

@@ -252,7 +252,7 @@ impl<'a, D: Driver> Workload for CountingHandles<'a, D> {
     }
 }
 
-/// Runs the workload once through the front cache (handle API) on a trimmed pool with
+/// Runs the workload once through the handle API with `cache` on a trimmed pool with
 /// its watermarks reset, and returns (the pool's peak reserved bytes, the peak of bytes
 /// in live allocations).
 pub fn reserve_ratio<D: crate::backend::BenchDevice>(
@@ -260,9 +260,10 @@ pub fn reserve_ratio<D: crate::backend::BenchDevice>(
     streams: &[UsageStream],
     threads: usize,
     iters: u64,
+    cache: streamalloc::CacheConfig,
 ) -> Result<(u64, u64), String> {
     let err = |e: streamalloc::Error| e.to_string();
-    let alloc = StreamAlloc::new(dev.clone()).map_err(err)?;
+    let alloc = StreamAlloc::with_cache(dev.clone(), cache).map_err(err)?;
     // First use of the device (so empty_cache covers it), then trim what earlier runs
     // left in the pool.
     let first = alloc.malloc(DEVICE, 512, streams[0].stream).map_err(err)?;
