@@ -147,10 +147,18 @@ fn stream_caches_of_quiet_streams_are_dropped_and_failed_mallocs_create_none() {
     }
     assert_eq!(a.device_stats(0).unwrap().cache_streams, 50);
     let busy = sim.new_usage_stream(0).unwrap();
-    for _ in 0..100 {
-        let p = a.malloc(0, 512, busy.stream).unwrap();
-        a.free(p).unwrap();
-    }
+    let churn = |n| {
+        for _ in 0..n {
+            let p = a.malloc(0, 512, busy.stream).unwrap();
+            a.free(p).unwrap();
+        }
+    };
+    // The first idle check sweeps (marking every stream cache's activity); the next
+    // sweep comes a second later at the earliest and drops those still quiet.
+    churn(100);
+    assert_eq!(a.device_stats(0).unwrap().cache_streams, 51);
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    churn(40);
     let stats = a.device_stats(0).unwrap();
     assert_eq!(stats.cache_streams, 1, "{stats:?}");
     assert!(stats.cached_current <= 512, "{stats:?}");

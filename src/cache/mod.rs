@@ -19,8 +19,9 @@
 //! Release policy (the cache decides, the core gives the blocks back to the driver):
 //! - idle: every [`CacheConfig::idle_interval`] operations on a stream cache, the blocks
 //!   that sat unused the whole interval (each class's low-water mark) are released, and
-//!   stream caches of the device that saw no operation since the last such check are
-//!   emptied and dropped (a stream that went away leaves nothing behind);
+//!   stream caches of the device that saw no operation between two sweeps (at most one
+//!   per second per device) are emptied and dropped (a stream that went away leaves
+//!   nothing behind);
 //! - budget: over [`CacheConfig::max_bytes_per_device`], a stream cache releases its
 //!   largest blocks until the device is back under half the budget;
 //! - pressure: a driver out-of-memory empties every stream cache of the device before
@@ -55,6 +56,14 @@ pub(crate) fn may_serve(size: u64, block_bytes: u64, reach: usize) -> bool {
         _ => false,
     }
 }
+
+/// Sweeps for quiet stream caches run at most this often per device: a stream cache is
+/// quiet when it saw no operation between two sweeps, so this is also the shortest
+/// silence after which a stream's idle blocks are given back.
+const SWEEP_GAP: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// `last_sweep` of a device never swept (its first idle check sweeps).
+const NEVER_SWEPT: u64 = u64::MAX;
 
 /// A stream cache publishes its cached bytes to the device total when they moved by
 /// this much since the last publish, so the shared total is touched rarely.
@@ -152,6 +161,9 @@ pub(crate) struct FrontCache {
     cached: Box<[CachePadded<AtomicU64>]>,
     /// Tells this cache's entries apart in the per-thread memo.
     id: u64,
+    /// When each device was last swept, in nanoseconds since `born`.
+    last_sweep: Box<[AtomicU64]>,
+    born: std::time::Instant,
 }
 
 /// A memo entry: (cache id, device, stream, that stream's cache).
@@ -171,7 +183,20 @@ impl FrontCache {
             caches: DashMap::new(),
             cached: (0..devices).map(|_| CachePadded::new(AtomicU64::new(0))).collect(),
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            last_sweep: (0..devices).map(|_| AtomicU64::new(NEVER_SWEPT)).collect(),
+            born: std::time::Instant::now(),
         }
+    }
+
+    /// Whether a sweep of `device` is due (at most one per [`SWEEP_GAP`]); the caller
+    /// that gets `true` runs it.
+    fn sweep_due(&self, device: Device) -> bool {
+        let now = self.born.elapsed().as_nanos() as u64;
+        let last = self.last_sweep[device].load(Ordering::Relaxed);
+        (last == NEVER_SWEPT || now.saturating_sub(last) >= SWEEP_GAP.as_nanos() as u64)
+            && self.last_sweep[device]
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
     }
 
     /// The size to ask of the driver for a block of `size` that may be cached later.
@@ -259,8 +284,11 @@ impl FrontCache {
             });
             match done {
                 Some((own, idle_check)) => {
-                    let others =
-                        if idle_check { self.sweep(device, Some(stream)) } else { Vec::new() };
+                    let others = if idle_check && self.sweep_due(device) {
+                        self.sweep(device, Some(stream))
+                    } else {
+                        Vec::new()
+                    };
                     return Released { own, others };
                 }
                 // The stream cache was retired meanwhile: look it up afresh.
