@@ -291,12 +291,10 @@ pub enum Op {
     },
 }
 
-/// Whether [`HandleStep::PtrFree`] runs. Off until the pointer API refuses blocks a
-/// live handle owns (issue 13, defect 11, fixed with the front-cache rewrite): today
-/// the free succeeds, and the handle's drop then frees the address's next owner.
-/// Inputs that find it are kept in `fuzz/findings/faults-defect-11/` (they decode as
-/// `FaultsInput`); turn this on with that fix and add them to the corpus.
-pub const CHECK_HANDLE_OWNERSHIP: bool = false;
+/// Whether [`HandleStep::PtrFree`] runs: the pointer API must refuse a block a live
+/// handle owns (issue 13, defect 11; `Error::OwnedByHandle` since the front cache's
+/// second design). The inputs that found the defect are in `fuzz/corpus/faults/`.
+pub const CHECK_HANDLE_OWNERSHIP: bool = true;
 
 /// One thing done to a handle's block while the handle lives ([`Op::Handle`]).
 #[derive(Arbitrary, Debug, Clone, Copy, PartialEq, Eq)]
