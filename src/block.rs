@@ -29,6 +29,9 @@ use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 /// Allocations of this size or more are refused outright (S3), as the seed does.
 pub const ONE_EXBIBYTE: u64 = 1 << 60;
 
+/// `Record::class` of a block that cannot be cached.
+pub(crate) const NO_CLASS: u8 = u8::MAX;
+
 /// Handed out to a caller.
 pub(crate) const LIVE: u8 = 1;
 /// Idle in a stream cache.
@@ -50,6 +53,9 @@ pub(crate) struct Record {
     /// Bytes the driver handed out: the size class when the block may be cached, else
     /// the requested size.
     pub(crate) alloc_size: u64,
+    /// The size class `alloc_size` is exactly, or [`NO_CLASS`] (the block cannot be
+    /// cached: larger than the largest class, or allocated at its exact size).
+    pub(crate) class: u8,
     /// The requested size of the current use (S10).
     size: AtomicU64,
     state: AtomicU8,
@@ -79,6 +85,10 @@ impl Record {
             captured,
             creation_stream: stream,
             alloc_size,
+            class: match crate::cache::class_of(alloc_size) {
+                Some((c, cs)) if cs == alloc_size => c as u8,
+                _ => NO_CLASS,
+            },
             size: AtomicU64::new(size),
             state: AtomicU8::new(LIVE),
             handle: AtomicBool::new(false),

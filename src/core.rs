@@ -22,7 +22,7 @@
 //! device's first use and for capture transitions.
 
 use crate::api::{BlockSnapshot, DeviceStats, StreamOrderedAllocator};
-use crate::block::{CACHED, DEFERRED, GONE, LIVE, Orphan, Record};
+use crate::block::{CACHED, DEFERRED, GONE, LIVE, NO_CLASS, Orphan, Record};
 use crate::budget::Budget;
 use crate::cache::{CacheConfig, FrontCache, Released, class_of};
 use crate::driver::Driver;
@@ -445,7 +445,7 @@ impl<D: Driver> StreamAlloc<D> {
         if let Some(cache) = &self.cache
             && !self.epoch.capturing()
             && !rec.captured
-            && FrontCache::fits(rec.alloc_size)
+            && rec.class != NO_CLASS
             && !rec.has_recorded()
         {
             let size = rec.size();
@@ -459,8 +459,7 @@ impl<D: Driver> StreamAlloc<D> {
                 let (ptr, bytes) = (r.dptr(), r.alloc_size as usize);
                 self.driver.note_cached(device, ptr, bytes, r.creation_stream);
             };
-            let released = cache.put(rec, note);
-            if !released.own.is_empty() || !released.others.is_empty() {
+            if let Some(released) = cache.put(rec, note) {
                 self.release_idle(released);
             }
             return Ok(());
@@ -1044,13 +1043,10 @@ impl<D: Driver> Block<'_, D> {
 
     fn release(&mut self) -> Result<()> {
         let Some(rec) = self.rec.take() else { return Ok(()) };
-        let keep = rec.clone();
-        let result = self.alloc.release(rec);
-        if result.is_err() {
-            // Still live: hand it over to the pointer API.
-            keep.set_handle(false);
-        }
-        result
+        // Handed over first: if the free fails the block stays live, and the pointer API
+        // may then free it.
+        rec.set_handle(false);
+        self.alloc.release(rec)
     }
 }
 

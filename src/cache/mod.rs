@@ -205,12 +205,6 @@ impl FrontCache {
         class_of(size).map_or(size, |(_, class_size)| class_size)
     }
 
-    /// Whether a block of `alloc_size` bytes from the driver can go on a free list.
-    #[inline]
-    pub(crate) fn fits(alloc_size: u64) -> bool {
-        matches!(class_of(alloc_size), Some((_, cs)) if cs == alloc_size)
-    }
-
     /// The cache tier of malloc: an idle block of `size`'s class (or up to `class_reach`
     /// classes larger) on `stream`. `on_reuse` runs under the stream cache's lock, so no
     /// other thread can hand the block out before it returns.
@@ -244,15 +238,15 @@ impl FrontCache {
         .flatten()
     }
 
-    /// The cache tier of free: keeps `rec` (idle, its state already `CACHED`) for reuse
-    /// on its creation stream. `on_cache` runs under the lock before the block can be
-    /// handed out again. Returns what the release policy gives back to the driver.
-    pub(crate) fn put(&self, rec: Arc<Record>, on_cache: impl FnOnce(&Record)) -> Released {
+    /// The cache tier of free: keeps `rec` (idle, its state already `CACHED`, its class
+    /// not `NO_CLASS`) for reuse on its creation stream. `on_cache` runs under the lock
+    /// before the block can be handed out again. Returns what the release policy gives
+    /// back to the driver, if anything.
+    #[inline]
+    pub(crate) fn put(&self, rec: Arc<Record>, on_cache: impl FnOnce(&Record)) -> Option<Released> {
         let device = rec.device();
         let stream = rec.creation_stream;
-        let Some((class, _)) = class_of(rec.alloc_size) else {
-            return Released { own: vec![rec], others: Vec::new() };
-        };
+        let class = rec.class as usize;
         let mut rec = Some(rec);
         let mut on_cache = Some(on_cache);
         loop {
@@ -270,31 +264,48 @@ impl FrontCache {
                 l.push(class, r);
                 let idle_check =
                     self.config.idle_interval > 0 && l.ops >= self.config.idle_interval;
-                let mut own = if idle_check { l.take_idle() } else { Vec::new() };
                 let published = self.publish(device, &mut l, idle_check);
-                let max = self.config.max_bytes_per_device;
-                let cached =
-                    if published { self.cached[device].load(Ordering::Relaxed) } else { 0 };
-                if cached > max {
-                    let excess = cached - max / 2;
-                    own.extend(l.take_largest(excess));
-                    self.publish(device, &mut l, true);
+                if !idle_check && !published {
+                    return Ok(None);
                 }
-                Ok((own, idle_check))
+                Ok(Some(self.put_policy(device, &mut l, idle_check)))
             });
             match done {
-                Some((own, idle_check)) => {
+                Some(None) => return None,
+                Some(Some((own, idle_check))) => {
                     let others = if idle_check && self.sweep_due(device) {
                         self.sweep(device, Some(stream))
                     } else {
                         Vec::new()
                     };
-                    return Released { own, others };
+                    return Some(Released { own, others });
                 }
                 // The stream cache was retired meanwhile: look it up afresh.
                 None => continue,
             }
         }
+    }
+
+    /// The release policy after a put (under the stream cache's lock): the idle check's
+    /// blocks, and the largest blocks when the device is over budget.
+    #[cold]
+    fn put_policy(
+        &self,
+        device: Device,
+        l: &mut Lists,
+        idle_check: bool,
+    ) -> (Vec<Arc<Record>>, bool) {
+        let mut own = if idle_check { l.take_idle() } else { Vec::new() };
+        if idle_check {
+            self.publish(device, l, true);
+        }
+        let max = self.config.max_bytes_per_device;
+        let cached = self.cached[device].load(Ordering::Relaxed);
+        if cached > max {
+            own.extend(l.take_largest(cached - max / 2));
+            self.publish(device, l, true);
+        }
+        (own, idle_check)
     }
 
     /// A miss on (device, stream) is about to ask the driver for `alloc_size` bytes:
