@@ -33,7 +33,7 @@ use crate::driver::Driver;
 use crate::error::Error;
 use crate::sim::SimDriver;
 use crate::types::{Device, DevicePtr, Stream, UsageStream};
-use crate::{StreamAlloc, cuda};
+use crate::StreamAlloc;
 use std::cell::RefCell;
 use std::ffi::{CStr, c_char, c_double, c_int, c_void};
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -217,17 +217,29 @@ fn create_global() -> Result<Global, String> {
             let capacity = env_u64("STREAMALLOC_SIM_CAPACITY", 1 << 30)?;
             (Arc::new(SimDriver::with_devices(n, capacity)), c"sim")
         } else {
-            match cuda::detect() {
-                Ok(d) => (Arc::new(d), c"cuda"),
-                Err(e) => {
-                    return Err(format!(
-                        "streamalloc has no backend: no usable CUDA driver or device ({e}); \
-                         set STREAMALLOC_BACKEND=sim for the simulated device"
-                    ));
-                }
-            }
+            cuda_backend()?
         };
     Ok(Global::new(driver, backend, requested))
+}
+
+/// The CUDA driver found by [`crate::cuda::detect`], or why there is none.
+#[cfg(feature = "cuda")]
+fn cuda_backend() -> Result<(Arc<dyn Driver>, &'static CStr), String> {
+    match crate::cuda::detect() {
+        Ok(d) => Ok((Arc::new(d), c"cuda")),
+        Err(e) => Err(format!(
+            "streamalloc has no backend: no usable CUDA driver or device ({e}); \
+             set STREAMALLOC_BACKEND=sim for the simulated device"
+        )),
+    }
+}
+
+/// Built without the `cuda` feature: the simulated device is the only backend.
+#[cfg(not(feature = "cuda"))]
+fn cuda_backend() -> Result<(Arc<dyn Driver>, &'static CStr), String> {
+    Err("streamalloc has no backend: built without the `cuda` feature; set \
+         STREAMALLOC_BACKEND=sim for the simulated device"
+        .to_string())
 }
 
 impl Global {
