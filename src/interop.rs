@@ -42,7 +42,7 @@
 //! let alloc: Arc<dyn StreamOrderedAllocator> = Arc::new(StreamAlloc::new(CudaDriver::new()?)?);
 //! let mut buf = PooledSlice::<f32>::alloc(&alloc, &stream, 1024)?;
 //! stream.memcpy_htod(&vec![1.0f32; 1024], &mut buf)?;
-//! let back = stream.memcpy_dtov(&buf)?;
+//! let back = stream.clone_dtoh(&buf)?;
 //! assert_eq!(back, vec![1.0f32; 1024]);
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
