@@ -200,10 +200,7 @@ mod tests {
         let (a, b, c) = (mk(), mk(), mk());
         vec![
             (a.clone(), Arc::new(StreamAlloc::new(a).unwrap())),
-            (
-                b.clone(),
-                Arc::new(StreamAlloc::with_cache(b, CacheConfig::passthrough()).unwrap()),
-            ),
+            (b.clone(), Arc::new(StreamAlloc::with_cache(b, CacheConfig::passthrough()).unwrap())),
             (c.clone(), Arc::new(SeedReplica::new(c).unwrap())),
         ]
     }

@@ -28,12 +28,12 @@
 //! owns the current context. Without either, every call fails with
 //! [`ErrorCode::NoBackend`] and a message saying why.
 
+use crate::StreamAlloc;
 use crate::api::{DeviceStats, StreamOrderedAllocator};
 use crate::driver::Driver;
 use crate::error::Error;
 use crate::sim::SimDriver;
 use crate::types::{Device, DevicePtr, Stream, UsageStream};
-use crate::StreamAlloc;
 use std::cell::RefCell;
 use std::ffi::{CStr, c_char, c_double, c_int, c_void};
 use std::panic::{AssertUnwindSafe, catch_unwind};

@@ -17,10 +17,10 @@ mod plot;
 mod workload;
 
 use backend::{BenchDevice, DeviceBackend, make_streams};
+use clap::Parser;
 use plot::Row;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use clap::Parser;
 use std::sync::Arc;
 use streamalloc::sim::NullDriver;
 use streamalloc::{CacheConfig, DriverLane, SeedReplica, StreamAlloc, UsageStream};
@@ -339,9 +339,7 @@ fn real_main(o: Opts) -> Result<(), String> {
     if wanted(&VARIANTS[5]) {
         for &t in &thread_counts {
             let r = match (&device, &device_streams) {
-                (Some(DeviceBackend::Cuda(d)), Some(s)) => {
-                    workload::reserve_ratio(d, s, t, iters)
-                }
+                (Some(DeviceBackend::Cuda(d)), Some(s)) => workload::reserve_ratio(d, s, t, iters),
                 (Some(DeviceBackend::Sim(d)), Some(s)) => workload::reserve_ratio(d, s, t, iters),
                 _ => continue,
             };
