@@ -96,6 +96,7 @@ const REQUIRED_SYMBOLS: &[&str] = &[
 
 /// How [`CudaDriver`] makes a device's primary context current before a raw call.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum ContextPolicy {
     /// Ask the driver which context is current (`cuCtxGetCurrent`), switch only if it
     /// differs, and restore the previous context after the call when one was current.
@@ -112,6 +113,7 @@ pub enum ContextPolicy {
 /// How a stream capture treats potentially unsafe API calls from other threads
 /// (`CUstreamCaptureMode`).
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum CaptureMode {
     /// `CU_STREAM_CAPTURE_MODE_GLOBAL`: unsafe calls from any thread are prohibited.
     Global,
@@ -313,6 +315,20 @@ pub fn library_present() -> bool {
 
 /// The device selector: a [`CudaDriver`] if `libcuda` loads and at least one device
 /// exists, else the reason why not (callers fall back to the simulated device).
+///
+/// ```
+/// use std::sync::Arc;
+/// use streamalloc::{Driver, StreamAlloc, sim::SimDriver};
+/// let driver: Arc<dyn Driver> = match streamalloc::cuda::detect() {
+///     Ok(gpu) => Arc::new(gpu),
+///     Err(why) => {
+///         eprintln!("no GPU ({why}): the simulated device");
+///         Arc::new(SimDriver::with_devices(1, 1 << 30))
+///     }
+/// };
+/// let alloc = StreamAlloc::new(driver)?;
+/// # Ok::<(), streamalloc::Error>(())
+/// ```
 pub fn detect() -> Result<CudaDriver, DriverError> {
     CudaDriver::new()
 }

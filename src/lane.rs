@@ -42,6 +42,7 @@ struct Slot {
 
 /// How driver allocation calls are serialized per device.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum DriverLane {
     /// No lane: threads call the driver concurrently.
     Off,

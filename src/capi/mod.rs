@@ -49,6 +49,7 @@ pub type CudaStream = *mut c_void;
 /// The codes of the thread-local last error (`streamalloc_last_error_code`).
 #[repr(i32)]
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum ErrorCode {
     /// No error.
     None = 0,
