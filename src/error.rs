@@ -190,6 +190,9 @@ impl From<DriverError> for Error {
     }
 }
 
+/// The crate's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -209,6 +212,3 @@ mod tests {
         assert!(Error::DoubleFree { ptr: DevicePtr::NULL }.source().is_none());
     }
 }
-
-/// The crate's result type.
-pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -493,3 +493,46 @@ fn real_main(o: Opts) -> Result<(), String> {
     plot::print_goals(&rows, max_threads);
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The whole pipeline, small, on the simulated device with its checker: every
+    /// variant that runs without a GPU, both bands, one and three producers.
+    #[test]
+    fn pipeline_runs_on_the_simulated_device_in_order() {
+        let sim = Arc::new(SimDriver::with_devices(1, 1 << 40));
+        let dev = Device::Sim { rig: SimRig::new(sim.clone(), 3).unwrap() };
+        for band in ["small", "large"] {
+            let sizes = band_sizes(band).unwrap();
+            for (v, gpu_only) in VARIANTS {
+                if *gpu_only {
+                    assert!(measure(v, &dev, sizes, 1, 5).is_err(), "{v} needs a GPU");
+                    continue;
+                }
+                for threads in [1, 3] {
+                    let (bps, gbs) = measure(v, &dev, sizes, threads, 5).unwrap();
+                    assert!(bps > 0.0 && gbs > 0.0, "{v} {band} {threads}: {bps} {gbs}");
+                }
+            }
+        }
+        sim.synchronize_all();
+        assert!(sim.reports().is_empty(), "{:?}", sim.reports());
+        assert!(band_sizes("medium").is_err());
+    }
+
+    #[test]
+    fn sizes_stay_in_their_band() {
+        for band in ["small", "large"] {
+            let sizes = band_sizes(band).unwrap();
+            for t in 0..16 {
+                for i in 0..100 {
+                    assert!(sizes.contains(&size_of(sizes, t, i)));
+                }
+            }
+        }
+        assert!(band_sizes("small").unwrap().iter().all(|&s| (4 << 10..=64 << 10).contains(&s)));
+        assert!(band_sizes("large").unwrap().iter().all(|&s| (1 << 20..=8 << 20).contains(&s)));
+    }
+}
