@@ -24,7 +24,7 @@ use streamalloc::{DevicePtr, Driver, SeedReplica, Stream, StreamAlloc, StreamOrd
 /// Live blocks per thread.
 const WINDOW: usize = 16;
 
-/// The anchor's size sequence (see `src/bin/streamalloc-bench/workload.rs`).
+/// The anchor's size sequence (see `benches/streamalloc-bench/src/workload.rs`).
 #[inline]
 fn size_of(i: u64) -> usize {
     const SIZES: [usize; 6] = [512, 4096, 65536, 1 << 20, 3 << 19, 256 << 10];
