@@ -24,7 +24,7 @@ use streamalloc::{DevicePtr, Driver, SeedReplica, Stream, StreamAlloc, StreamOrd
 /// Live blocks per thread.
 const WINDOW: usize = 16;
 
-/// The anchor's size sequence (see `src/bin/streamalloc-bench/workload.rs`).
+/// The anchor's size sequence (see `benches/streamalloc-bench/src/workload.rs`).
 #[inline]
 fn size_of(i: u64) -> usize {
     const SIZES: [usize; 6] = [512, 4096, 65536, 1 << 20, 3 << 19, 256 << 10];
@@ -163,17 +163,11 @@ fn pair_during_captures(c: &mut Criterion) {
     g.finish();
 }
 
-/// Criterion's report plots go through plotters; with the crate's `ab_glyph` feature on
-/// (for the bench binary's PNG), plotters draws text only with registered fonts, so
-/// register the binary's embedded font (else criterion panics with `FontUnavailable`).
+/// No report plots: plotters, when the benchmark member's `ab_glyph` feature is unified
+/// into it, draws text only with registered fonts (criterion would panic with
+/// `FontUnavailable`), and the numbers are what this bench is for.
 fn config() -> Criterion {
-    static FONT: &[u8] = include_bytes!("../src/bin/streamalloc-bench/DejaVuSans.ttf");
-    for style in [plotters::style::FontStyle::Normal, plotters::style::FontStyle::Bold] {
-        if plotters::style::register_font("sans-serif", style, FONT).is_err() {
-            panic!("the embedded font is not a valid TTF");
-        }
-    }
-    Criterion::default()
+    Criterion::default().without_plots()
 }
 
 criterion_group! {

@@ -116,6 +116,16 @@ struct Capture {
 ///
 /// Same observable semantics as PyTorch's cudaMallocAsync backend (S1..S19 of the
 /// brief), without its process-wide mutex. See the crate's DESIGN.md for the layers.
+///
+/// ```
+/// use streamalloc::{sim::SimDriver, StreamAlloc, StreamOrderedAllocator};
+/// // On a GPU: StreamAlloc::new(streamalloc::cuda::detect()?)
+/// let alloc = StreamAlloc::new(SimDriver::with_devices(1, 1 << 30))?;
+/// let p = alloc.malloc(0, 4096, streamalloc::Stream::NULL)?;
+/// assert_eq!(alloc.used_bytes(0), 4096);
+/// alloc.free(p)?;
+/// # Ok::<(), streamalloc::Error>(())
+/// ```
 pub struct StreamAlloc<D: Driver> {
     /// The driver behind its lane (`src/lane/`): every driver call goes through it.
     driver: Laned<D>,

@@ -104,6 +104,7 @@ const REQUIRED_SYMBOLS: &[&str] = &[
 
 /// How [`CudaDriver`] makes a device's primary context current before a raw call.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum ContextPolicy {
     /// Ask the driver which context is current (`cuCtxGetCurrent`), switch only if it
     /// differs, and restore the previous context after the call when one was current.
@@ -120,6 +121,7 @@ pub enum ContextPolicy {
 /// How a stream capture treats potentially unsafe API calls from other threads
 /// (`CUstreamCaptureMode`).
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum CaptureMode {
     /// `CU_STREAM_CAPTURE_MODE_GLOBAL`: unsafe calls from any thread are prohibited.
     Global,
@@ -308,6 +310,25 @@ pub fn pool_attribute_raw(attr: PoolAttribute) -> (CUmemPool_attribute, bool) {
     }
 }
 
+/// `CUmemLocation` as C lays it out in every CUDA version: the location type, then the
+/// device ordinal (CUDA 13.2 moved `id` into a union with other members of the same 4
+/// bytes, so the bindings' field path differs by version while the layout does not).
+#[repr(C)]
+struct DeviceLocation {
+    type_: sys::CUmemLocationType,
+    id: std::ffi::c_int,
+}
+
+/// A `CUmemLocation` naming device `id`, whatever CUDA version the bindings are for
+/// (streamalloc leaves that choice to the final binary).
+fn device_location(id: i32) -> sys::CUmemLocation {
+    let loc = DeviceLocation { type_: sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE, id };
+    // Safety: `CUmemLocation` is a repr(C) struct of the location type followed by a
+    // 4-byte `int` (directly or as a union whose every member fits in it), exactly
+    // `DeviceLocation`; transmute checks the sizes agree at compile time.
+    unsafe { std::mem::transmute::<DeviceLocation, sys::CUmemLocation>(loc) }
+}
+
 /// The [`CaptureStatus`] for a `CUstreamCaptureStatus`.
 pub fn capture_status_from_raw(status: CUstreamCaptureStatus) -> CaptureStatus {
     match status {
@@ -334,6 +355,20 @@ pub fn library_present() -> bool {
 
 /// The device selector: a [`CudaDriver`] if `libcuda` loads and at least one device
 /// exists, else the reason why not (callers fall back to the simulated device).
+///
+/// ```
+/// use std::sync::Arc;
+/// use streamalloc::{Driver, StreamAlloc, sim::SimDriver};
+/// let driver: Arc<dyn Driver> = match streamalloc::cuda::detect() {
+///     Ok(gpu) => Arc::new(gpu),
+///     Err(why) => {
+///         eprintln!("no GPU ({why}): the simulated device");
+///         Arc::new(SimDriver::with_devices(1, 1 << 30))
+///     }
+/// };
+/// let alloc = StreamAlloc::new(driver)?;
+/// # Ok::<(), streamalloc::Error>(())
+/// ```
 pub fn detect() -> Result<CudaDriver, DriverError> {
     CudaDriver::new()
 }
@@ -1157,10 +1192,7 @@ impl Driver for CudaDriver {
         let _g = self.bind(owner)?;
         let pool = self.pool(owner)?;
         let desc = sys::CUmemAccessDesc {
-            location: sys::CUmemLocation {
-                type_: sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE,
-                id: accessor_id,
-            },
+            location: device_location(accessor_id),
             flags: sys::CUmemAccess_flags::CU_MEM_ACCESS_FLAGS_PROT_READWRITE,
         };
         // Safety: context bound; `pool` is the owner's default pool; `desc` is one live

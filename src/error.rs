@@ -101,6 +101,7 @@ impl fmt::Display for OutOfMemory {
 
 /// Everything that can go wrong in the allocator.
 #[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
 pub enum Error {
     /// The pointer was never handed out by this allocator (or was already freed and its
     /// address forgotten).
@@ -203,7 +204,15 @@ impl fmt::Display for Error {
     }
 }
 
-impl std::error::Error for Error {}
+impl std::error::Error for Error {
+    /// The driver's error, for [`Error::Driver`].
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Error::Driver(e) => Some(e),
+            _ => None,
+        }
+    }
+}
 
 impl From<DriverError> for Error {
     fn from(e: DriverError) -> Self {
@@ -213,3 +222,23 @@ impl From<DriverError> for Error {
 
 /// The crate's result type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::error::Error as _;
+
+    #[test]
+    fn driver_errors_are_the_source() {
+        let d = DriverError::new(
+            "cuMemAllocAsync",
+            CUDA_ERROR_OUT_OF_MEMORY,
+            "CUDA_ERROR_OUT_OF_MEMORY",
+        );
+        let e = Error::from(d.clone());
+        let src = e.source().expect("a driver error is the source");
+        assert_eq!(src.to_string(), d.to_string());
+        assert!(src.downcast_ref::<DriverError>().is_some_and(DriverError::is_oom));
+        assert!(Error::DoubleFree { ptr: DevicePtr::NULL }.source().is_none());
+    }
+}

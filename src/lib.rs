@@ -2,12 +2,18 @@
 #![warn(missing_docs)]
 
 pub mod api;
+#[cfg(feature = "capi")]
 pub mod capi;
+#[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod driver;
 pub mod error;
+#[cfg(feature = "fuzzing")]
 pub mod fuzzing;
 pub mod history;
+#[cfg(feature = "cuda")]
+pub mod interop;
+pub mod owned;
 pub mod sim;
 pub mod types;
 
@@ -35,5 +41,6 @@ mod warn;
 pub use crate::cache::CacheConfig;
 pub use crate::core::{Block, PtrHasher, StreamAlloc};
 pub use history::{Action, HistoryEntry, HistoryOptions, OomObserver};
+pub use owned::OwnedBlock;
 pub use replica::SeedReplica;
 pub use warn::WarningCounts;

@@ -173,6 +173,7 @@ impl UsageStream {
 
 /// Whether a stream is being captured into a CUDA graph.
 #[derive(Copy, Clone, PartialEq, Eq, Debug)]
+#[non_exhaustive]
 pub enum CaptureStatus {
     /// Not capturing.
     None,
@@ -185,6 +186,7 @@ pub enum CaptureStatus {
 /// The attributes of a device's default memory pool that the allocator reads or sets
 /// (`CUmemPool_attribute`).
 #[derive(Copy, Clone, PartialEq, Eq, Hash, Debug)]
+#[non_exhaustive]
 pub enum PoolAttribute {
     /// Bytes of reserved memory the pool keeps before releasing to the OS at a sync.
     ReleaseThreshold,

@@ -47,6 +47,7 @@ const GPU_TESTS: &[&str] = &[
     "gpu_multi_device",
     "gpu_seed_replica_parity",
     "gpu_threaded_stress",
+    "gpu_cudarc_kernel_on_pooled_block",
 ];
 
 /// Device used by the single-device tests.
@@ -909,4 +910,70 @@ fn gpu_threaded_stress() {
         (THREADS * OPS) as f64 / elapsed.as_secs_f64(),
         alloc.warnings()
     );
+}
+
+/// `scale_add(out, in, a, n)`: `out[i] = a * in[i] + 1` (the example's kernel).
+const SCALE_ADD_PTX: &str = include_str!("../examples/scale_add.ptx");
+
+/// cudarc interop: a kernel launched through cudarc's launch builder on pooled slices,
+/// the input made and filled on a producer stream and used on a consumer stream (its use
+/// recorded), then used again on its own stream (which waits for the consumer's kernel),
+/// the results read back; the slices dropped on another thread.
+#[test]
+fn gpu_cudarc_kernel_on_pooled_block() {
+    use cudarc::driver::{CudaContext, LaunchConfig, PushKernelArg};
+    use streamalloc::interop::PooledSlice;
+    let Some(drv) = gpu() else {
+        skipped!("SKIPPED gpu_cudarc_kernel_on_pooled_block: no CUDA driver/GPU");
+        return;
+    };
+    let _g = shared();
+    let ctx = CudaContext::new(DEV).expect("cudarc context (primary, as the allocator's)");
+    let module = ctx.load_module(cudarc::nvrtc::Ptx::from_src(SCALE_ADD_PTX)).expect("load PTX");
+    let f = module.load_function("scale_add").expect("scale_add");
+    let (producer, consumer) = (ctx.new_stream().unwrap(), ctx.new_stream().unwrap());
+    let alloc: Arc<dyn StreamOrderedAllocator> = Arc::new(new_alloc(&drv));
+
+    let n: usize = (3 << 20) / 4 + 17; // an odd element count
+    let len = n as u32;
+    let host: Vec<f32> = (0..n).map(|i| (i % 977) as f32).collect();
+    let mut input = PooledSlice::<f32>::alloc(&alloc, &producer, n).unwrap();
+    producer.memcpy_htod(&host, &mut input).unwrap();
+    let mut mid = PooledSlice::<f32>::alloc(&alloc, &consumer, n).unwrap();
+    let mut out = PooledSlice::<f32>::alloc(&alloc, &producer, n).unwrap();
+    {
+        // On the consumer: mid = 2 * input + 1 (input is foreign there).
+        let input_arg = input.on(&consumer);
+        let mut b = consumer.launch_builder(&f);
+        b.arg(&mut mid).arg(&input_arg).arg(&2.0f32).arg(&len);
+        // Safety: (float*, const float*, float, unsigned); both hold n floats.
+        unsafe { b.launch(LaunchConfig::for_num_elems(len)) }.expect("launch on consumer");
+    }
+    let snap = alloc.snapshot();
+    let entry = snap.iter().find(|b| b.ptr == input.ptr()).expect("input in the snapshot");
+    assert_eq!(entry.recorded_streams, vec![UsageStream::from(&*consumer)]);
+    {
+        // Back on the producer: out = 3 * mid + 1 (mid is foreign there; the producer
+        // waits for the consumer's kernel), then input is overwritten on its own stream,
+        // which must first wait for the consumer's read of it.
+        let mid_arg = mid.on(&producer);
+        let mut b = producer.launch_builder(&f);
+        b.arg(&mut out).arg(&mid_arg).arg(&3.0f32).arg(&len);
+        // Safety: as above.
+        unsafe { b.launch(LaunchConfig::for_num_elems(len)) }.expect("launch on producer");
+    }
+    producer.memcpy_htod(&vec![-1.0f32; n], &mut input).unwrap();
+    let got = producer.clone_dtoh(&out).unwrap();
+    let bad = (0..n).filter(|&i| got[i] != 3.0 * (2.0 * host[i] + 1.0) + 1.0).count();
+    assert_eq!(bad, 0, "{bad} of {n} results wrong (first: {:?})", got.first());
+    let mid_back = consumer.clone_dtoh(&mid).unwrap();
+    assert!((0..n).all(|i| mid_back[i] == 2.0 * host[i] + 1.0));
+    assert_eq!(alloc.used_bytes(DEV), 3 * 4 * n as u64);
+    // Owned: the slices move to another thread and are freed there.
+    std::thread::spawn(move || drop((input, mid, out))).join().unwrap();
+    assert_eq!(alloc.used_bytes(DEV), 0);
+    producer.synchronize().unwrap();
+    consumer.synchronize().unwrap();
+    ctx.check_err().expect("no error recorded in the cudarc context");
+    eprintln!("gpu_cudarc_kernel_on_pooled_block: {n} floats through two kernels, all correct");
 }

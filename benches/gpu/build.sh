@@ -3,6 +3,8 @@
 # root (git-ignored), small enough to travel (64 MiB at most):
 #   .gpu/bin/gpu-tests          the `gpu` integration-test binary (tests/gpu.rs), release
 #   .gpu/bin/streamalloc-bench  the benchmark binary, when it exists      [bench: see below]
+#   .gpu/bin/streamalloc-dataloader  the data-loader benchmark (benches/gpu/dataloader.sh)
+#   .gpu/bin/cudarc_kernel      the example launching a kernel on a pooled block
 #   .gpu/lib/libstreamalloc.so  the C ABI library, when it exists         [capi:  see below]
 #   .gpu/anchors/*              the PyTorch anchor (../shared/anchors)
 #   .gpu/MANIFEST               commit, build time, sizes and sha256 of the above
@@ -42,7 +44,8 @@ cdylib = any("cdylib" in t["crate_types"] for t in targets)
 print(int(bench), int(cdylib))')
 
 echo "== building the gpu test binary (release)"
-EXE=$(cargo test --release --test gpu --no-run --message-format=json \
+EXE=$(cargo test --release -p streamalloc --features cuda-13000 --test gpu --no-run \
+    --message-format=json \
     | python3 -c '
 import json, sys
 exes = []
@@ -64,15 +67,21 @@ copy_stripped "$EXE" "$DEST/bin/gpu-tests"
 # declares it; copied when it exists in <target>/release.
 # ---------------------------------------------------------------------------------------
 if [ "$HAS_BENCH" = 1 ]; then
-    echo "== building streamalloc-bench (release)"
-    cargo build --release --bin streamalloc-bench
+    echo "== building streamalloc-bench and streamalloc-dataloader (release)"
+    cargo build --release -p streamalloc-bench
 fi
-BENCH=$CARGO_TARGET_DIR/release/streamalloc-bench
-if [ -x "$BENCH" ]; then
-    copy_stripped "$BENCH" "$DEST/bin/streamalloc-bench"
-else
-    echo "  streamalloc-bench: not built (no such binary yet), bench step will be skipped"
-fi
+for bin in streamalloc-bench streamalloc-dataloader; do
+    if [ -x "$CARGO_TARGET_DIR/release/$bin" ]; then
+        copy_stripped "$CARGO_TARGET_DIR/release/$bin" "$DEST/bin/$bin"
+    else
+        echo "  $bin: not built (no such binary yet), its step will be skipped"
+    fi
+done
+
+# The example that launches a kernel through cudarc on a pooled block (GPU only).
+echo "== building the cudarc_kernel example (release)"
+cargo build --release -p streamalloc --features cuda-13000 --example cudarc_kernel
+copy_stripped "$CARGO_TARGET_DIR/release/examples/cudarc_kernel" "$DEST/bin/cudarc_kernel"
 
 # ---------------------------------------------------------------------------------------
 # [capi] libstreamalloc.so: the C ABI library (PyTorch's CUDAPluggableAllocator), built
@@ -80,8 +89,8 @@ fi
 # Put its Python/PyTorch driver scripts under benches/gpu/ (they travel with the tree).
 # ---------------------------------------------------------------------------------------
 if [ "$HAS_CDYLIB" = 1 ]; then
-    echo "== building the C ABI library (release)"
-    cargo build --release --lib
+    echo "== building the C ABI library (release; the capi/ member, feature capi)"
+    cargo build --release -p streamalloc-capi
 fi
 SO=$CARGO_TARGET_DIR/release/libstreamalloc.so
 if [ -f "$SO" ]; then

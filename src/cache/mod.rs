@@ -50,6 +50,7 @@ pub(crate) use classes::class_of;
 
 /// Whether an idle block of `block_bytes` may serve a request of `size` bytes: a class
 /// size from `size`'s class up to `reach` classes larger.
+#[cfg(feature = "fuzzing")]
 pub(crate) fn may_serve(size: u64, block_bytes: u64, reach: usize) -> bool {
     match (class_of(size), class_of(block_bytes)) {
         (Some((c, _)), Some((b, bs))) => bs == block_bytes && b >= c && b <= c + reach,

@@ -35,12 +35,12 @@
 //! the pool's figures by [`streamalloc_device_memory_stats`]: what PyTorch's
 //! `torch.cuda.memory_stats()` shows through the shim.
 
+use crate::StreamAlloc;
 use crate::api::{DeviceStats, StreamOrderedAllocator};
 use crate::driver::Driver;
 use crate::error::Error;
 use crate::sim::SimDriver;
 use crate::types::{Device, DevicePtr, Stream, UsageStream};
-use crate::{StreamAlloc, cuda};
 use std::cell::RefCell;
 use std::ffi::{CStr, c_char, c_double, c_int, c_void};
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -77,6 +77,7 @@ pub type CudaStream = *mut c_void;
 /// The codes of the thread-local last error (`streamalloc_last_error_code`).
 #[repr(i32)]
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum ErrorCode {
     /// No error.
     None = 0,
@@ -291,17 +292,29 @@ fn create_global() -> Result<Global, Failure> {
             let capacity = env_u64("STREAMALLOC_SIM_CAPACITY", 1 << 30).map_err(no_backend)?;
             (Arc::new(SimDriver::with_devices(n as usize, capacity)), c"sim")
         } else {
-            match cuda::detect() {
-                Ok(d) => (Arc::new(d), c"cuda"),
-                Err(e) => {
-                    return Err(no_backend(format!(
-                        "streamalloc has no backend: no usable CUDA driver or device ({e}); \
-                         set STREAMALLOC_BACKEND=sim for the simulated device"
-                    )));
-                }
-            }
+            cuda_backend().map_err(no_backend)?
         };
     Ok(Global::new(driver, backend, requested, cache))
+}
+
+/// The CUDA driver found by [`crate::cuda::detect`], or why there is none.
+#[cfg(feature = "cuda")]
+fn cuda_backend() -> Result<(Arc<dyn Driver>, &'static CStr), String> {
+    match crate::cuda::detect() {
+        Ok(d) => Ok((Arc::new(d), c"cuda")),
+        Err(e) => Err(format!(
+            "streamalloc has no backend: no usable CUDA driver or device ({e}); \
+             set STREAMALLOC_BACKEND=sim for the simulated device"
+        )),
+    }
+}
+
+/// Built without the `cuda` feature: the simulated device is the only backend.
+#[cfg(not(feature = "cuda"))]
+fn cuda_backend() -> Result<(Arc<dyn Driver>, &'static CStr), String> {
+    Err("streamalloc has no backend: built without the `cuda` feature; set \
+         STREAMALLOC_BACKEND=sim for the simulated device"
+        .to_string())
 }
 
 impl Global {

@@ -147,6 +147,7 @@ pub fn error_name(code: i32) -> String {
 
 /// One variant per [`Driver`] method, for fault injection and call counts.
 #[derive(Copy, Clone, PartialEq, Eq, Hash, Debug)]
+#[non_exhaustive]
 pub enum SimOp {
     /// [`Driver::malloc_async`].
     MallocAsync,
@@ -214,6 +215,7 @@ impl SimOp {
 
 /// How the last asynchronous copy was made (S19).
 #[derive(Copy, Clone, PartialEq, Eq, Debug)]
+#[non_exhaustive]
 pub enum CopyKind {
     /// `cudaMemcpyAsync(.., cudaMemcpyDeviceToDevice, ..)`.
     DeviceToDevice,
@@ -236,6 +238,7 @@ pub struct SimGraph {
 
 /// How to build a [`SimDriver`].
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct SimConfig {
     /// One entry per device: its capacity in bytes.
     pub devices: Vec<u64>,
@@ -253,6 +256,19 @@ impl Default for SimConfig {
 /// The simulated CUDA driver: see the [module documentation](self) for the model.
 ///
 /// All state sits behind one mutex: this is a test device, not a fast path.
+///
+/// ```
+/// use std::sync::Arc;
+/// use streamalloc::{sim::SimDriver, StreamAlloc, StreamOrderedAllocator};
+/// let sim = Arc::new(SimDriver::with_devices(1, 1 << 30));
+/// let alloc = StreamAlloc::new(sim.clone())?;
+/// let (a, b) = (sim.new_usage_stream(0)?, sim.new_usage_stream(0)?);
+/// let p = alloc.malloc(0, 1 << 20, a.stream)?;
+/// sim.launch(b, &[p])?; // used on another stream, not recorded...
+/// alloc.free(p)?;
+/// assert!(!sim.take_reports().is_empty()); // ...the checker reports the racing free
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub struct SimDriver {
     state: Mutex<State>,
 }

@@ -83,7 +83,9 @@ impl DeviceBackend {
                 Err(e) => e.to_string(),
             }
         };
-        let sim = SimDriver::new(SimConfig { devices: vec![SIM_CAPACITY], checker: true });
+        let mut config = SimConfig::default();
+        config.devices = vec![SIM_CAPACITY];
+        let sim = SimDriver::new(config);
         (DeviceBackend::Sim(Arc::new(sim)), Some(why))
     }
 

@@ -4,9 +4,11 @@
 //! - T threads, each with its own non-blocking stream and a ring of [`WINDOW`] live blocks;
 //! - every step frees the oldest block of the ring and allocates a new one (one "pair");
 //! - sizes from the anchor's LCG, [`size_of`]`(i + t * 7919)`;
-//! - a warm-up of `iters / 10` steps, a stream synchronize, then a barrier; the clock
-//!   runs from that barrier to the one after the timed steps and their stream
-//!   synchronize;
+//! - a warm-up of `iters / 10` steps, a stream synchronize, then a barrier; each worker
+//!   then times its own span, from leaving the barrier to the end of its timed steps and
+//!   their stream synchronize; the run's span is from the first worker's start to the
+//!   last worker's end (no coordinating thread's clock, which on a loaded machine would
+//!   add the delay until that thread is scheduled);
 //! - the result is the aggregate: `T * iters / seconds / 1e6` (million pairs per second).
 //!
 //! The operations are behind [`Workload`], so a new variant (a new allocator, or another
@@ -136,55 +138,62 @@ pub fn run<W: Workload>(
     iters: u64,
 ) -> Result<f64, String> {
     assert!(streams.len() >= threads, "one stream per thread");
-    let barrier = Barrier::new(threads + 1);
+    let barrier = Barrier::new(threads);
     let failure: Mutex<Option<String>> = Mutex::new(None);
     let fail = |e: String| {
         let mut f = failure.lock().unwrap_or_else(|p| p.into_inner());
         f.get_or_insert(e);
     };
-    let seconds = std::thread::scope(|s| {
-        for (t, &stream) in streams.iter().enumerate().take(threads) {
-            let (barrier, fail) = (&barrier, &fail);
-            s.spawn(move || {
-                let salt = t as u64 * 7919;
-                let mut ring: Vec<Option<W::Slot>> = (0..WINDOW).map(|_| None).collect();
-                // Fill the ring, warm up (not timed), drain the stream.
-                let mut ok = guarded(|| {
-                    for (k, slot) in ring.iter_mut().enumerate() {
-                        *slot = Some(w.alloc(size_of(k as u64 + salt), stream.stream)?);
-                    }
-                    steps(w, &mut ring, stream.stream, salt, iters / 10)?;
-                    sync(stream)
-                });
-                barrier.wait();
-                if ok.is_ok() {
-                    ok = guarded(|| {
-                        steps(w, &mut ring, stream.stream, salt, iters)?;
+    let spans: Vec<(Instant, Instant)> = std::thread::scope(|s| {
+        let workers: Vec<_> = streams
+            .iter()
+            .enumerate()
+            .take(threads)
+            .map(|(t, &stream)| {
+                let (barrier, fail) = (&barrier, &fail);
+                s.spawn(move || {
+                    let salt = t as u64 * 7919;
+                    let mut ring: Vec<Option<W::Slot>> = (0..WINDOW).map(|_| None).collect();
+                    // Fill the ring, warm up (not timed), drain the stream.
+                    let mut ok = guarded(|| {
+                        for (k, slot) in ring.iter_mut().enumerate() {
+                            *slot = Some(w.alloc(size_of(k as u64 + salt), stream.stream)?);
+                        }
+                        steps(w, &mut ring, stream.stream, salt, iters / 10)?;
                         sync(stream)
                     });
-                }
-                barrier.wait();
-                let drained = guarded(|| {
-                    for slot in ring.iter_mut() {
-                        if let Some(old) = slot.take() {
-                            w.free(old)?;
-                        }
+                    barrier.wait();
+                    let start = Instant::now();
+                    if ok.is_ok() {
+                        ok = guarded(|| {
+                            steps(w, &mut ring, stream.stream, salt, iters)?;
+                            sync(stream)
+                        });
                     }
-                    sync(stream)
-                });
-                if let Err(e) = ok.and(drained) {
-                    fail(format!("thread {t}: {e}"));
-                }
-            });
-        }
-        barrier.wait();
-        let t0 = Instant::now();
-        barrier.wait();
-        t0.elapsed().as_secs_f64()
+                    let end = Instant::now();
+                    // No worker drains while another is still timed.
+                    barrier.wait();
+                    let drained = guarded(|| {
+                        for slot in ring.iter_mut() {
+                            if let Some(old) = slot.take() {
+                                w.free(old)?;
+                            }
+                        }
+                        sync(stream)
+                    });
+                    if let Err(e) = ok.and(drained) {
+                        fail(format!("thread {t}: {e}"));
+                    }
+                    (start, end)
+                })
+            })
+            .collect();
+        workers.into_iter().filter_map(|h| h.join().ok()).collect()
     });
     if let Some(e) = failure.into_inner().unwrap_or_else(|p| p.into_inner()) {
         return Err(e);
     }
+    let seconds = run_span(&spans).ok_or("a worker thread died")?;
     Ok(threads as f64 * iters as f64 / seconds / 1e6)
 }
 
@@ -227,6 +236,14 @@ pub fn one_thread_streams<D: crate::backend::BenchDevice>(
     }
     sync_all()?;
     Ok(iters as f64 / seconds / 1e6)
+}
+
+/// The run's span in seconds: from the first worker's start to the last worker's end
+/// (`None` without spans).
+pub fn run_span(spans: &[(Instant, Instant)]) -> Option<f64> {
+    let first = spans.iter().map(|s| s.0).min()?;
+    let last = spans.iter().map(|s| s.1).max()?;
+    Some(last.duration_since(first).as_secs_f64().max(1e-9))
 }
 
 /// The handle API with the live bytes counted (for the peak-memory probe only: the
@@ -281,6 +298,16 @@ pub fn reserve_ratio<D: crate::backend::BenchDevice>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn run_span_is_first_start_to_last_end() {
+        let t0 = Instant::now();
+        let ms = |n| std::time::Duration::from_millis(n);
+        let spans = [(t0 + ms(5), t0 + ms(30)), (t0, t0 + ms(20)), (t0 + ms(2), t0 + ms(40))];
+        let s = run_span(&spans).unwrap();
+        assert!((s - 0.040).abs() < 1e-9, "{s}");
+        assert_eq!(run_span(&[]), None);
+    }
 
     #[test]
     fn sizes_match_the_anchor() {

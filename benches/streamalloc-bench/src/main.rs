@@ -5,8 +5,9 @@
 //!
 //! ```text
 //! cargo run --release --bin streamalloc-bench -- [--max-threads 16] [--reps 3]
-//!     [--iters 50000] [--null-iters 500000] [--variants a,b,c] [--csv out.csv]
+//!     [--iters 50000] [--null-iters 500000] [--variants a,b,c] [--csv out.csv | --no-csv]
 //!     [--png out.png] [--gpu-name NAME] [--sim] [--blocks 100000]
+//! cargo run --release --bin streamalloc-bench -- --help | --version
 //! cargo run --release --bin streamalloc-bench -- --plot-only combined.csv --png out.png
 //! ```
 
@@ -16,6 +17,7 @@ mod plot;
 mod workload;
 
 use backend::{BenchDevice, DeviceBackend, make_streams};
+use clap::Parser;
 use plot::Row;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -151,88 +153,48 @@ fn measure<D: BenchDevice>(
     }
 }
 
-/// Command-line options.
+/// streamalloc-bench: alloc+free throughput against threads (the PyTorch anchor's
+/// workload), on the GPU when one is found, else on the simulated device.
+#[derive(Parser, Debug)]
+#[command(version, about, long_about = None)]
 struct Opts {
-    max_threads: usize,
-    reps: usize,
-    iters: u64,
-    /// Whether `--iters` was given (else the simulated device runs fewer).
-    iters_set: bool,
+    /// Thread counts 1, 2, 4, ... up to N.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    max_threads: u64,
+    /// Measurements per variant and thread count (the median is reported).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..))]
+    reps: u64,
+    /// Timed steps per thread for driver variants [default: 50000; 10000 on the
+    /// simulated device].
+    #[arg(long)]
+    iters: Option<u64>,
+    /// Timed steps per thread for *_null variants [default: 10 x --iters].
+    #[arg(long)]
     null_iters: Option<u64>,
+    /// Variants to run, comma-separated [default: all that apply to the device found].
+    #[arg(long, value_delimiter = ',')]
     variants: Option<Vec<String>>,
-    csv: Option<PathBuf>,
+    /// Where to write the CSV rows gpu,variant,threads,mpairs_per_s (medians).
+    #[arg(long, default_value = "streamalloc-bench.csv")]
+    csv: PathBuf,
+    /// Do not write the CSV.
+    #[arg(long)]
+    no_csv: bool,
+    /// Plot throughput against threads into this PNG.
+    #[arg(long)]
     png: Option<PathBuf>,
+    /// The gpu column and plot title [default: the device's name, or sim].
+    #[arg(long)]
     gpu_name: Option<String>,
-    plot_only: Option<PathBuf>,
-    force_sim: bool,
+    /// Use the simulated device even if a GPU is found.
+    #[arg(long)]
+    sim: bool,
+    /// Live blocks for the bytes-per-block count (0: skip).
+    #[arg(long, default_value_t = 100_000)]
     blocks: usize,
-}
-
-const USAGE: &str = "\
-streamalloc-bench: alloc+free throughput against threads (the PyTorch anchor's workload)
-
-USAGE:
-  streamalloc-bench [OPTIONS]
-  streamalloc-bench --plot-only CSV --png OUT [--gpu-name NAME]
-
-OPTIONS:
-  --max-threads N    thread counts 1, 2, 4, ... up to N (default 16)
-  --reps N           measurements per variant and thread count, median reported (default 3)
-  --iters N          timed steps per thread for driver variants (default 50000; 10000 on the simulated device)
-  --null-iters N     timed steps per thread for *_null variants (default 10 x --iters)
-  --variants a,b,c   variants to run (default: all that apply to the device found)
-  --csv PATH         write CSV rows gpu,variant,threads,mpairs_per_s (medians)
-  --png PATH         plot throughput against threads into a PNG
-  --gpu-name NAME    the gpu column and plot title (default: the device's name, or sim)
-  --sim              use the simulated device even if a GPU is found
-  --blocks N         live blocks for the bytes-per-block count (default 100000; 0: skip)
-  --plot-only CSV    re-plot an existing CSV into --png and exit
-";
-
-fn parse_args() -> Result<Opts, String> {
-    let mut o = Opts {
-        max_threads: 16,
-        reps: 3,
-        iters: 50_000,
-        iters_set: false,
-        null_iters: None,
-        variants: None,
-        csv: None,
-        png: None,
-        gpu_name: None,
-        plot_only: None,
-        force_sim: false,
-        blocks: 100_000,
-    };
-    let mut args = std::env::args().skip(1);
-    while let Some(a) = args.next() {
-        let mut val = || args.next().ok_or_else(|| format!("{a} needs a value"));
-        let num = |v: String| v.parse::<u64>().map_err(|_| format!("{a}: not a number: {v}"));
-        match a.as_str() {
-            "--max-threads" => o.max_threads = num(val()?)?.max(1) as usize,
-            "--reps" => o.reps = num(val()?)?.max(1) as usize,
-            "--iters" => {
-                o.iters = num(val()?)?;
-                o.iters_set = true;
-            }
-            "--null-iters" => o.null_iters = Some(num(val()?)?),
-            "--variants" => {
-                o.variants = Some(val()?.split(',').map(|s| s.trim().to_string()).collect())
-            }
-            "--csv" => o.csv = Some(val()?.into()),
-            "--png" => o.png = Some(val()?.into()),
-            "--gpu-name" => o.gpu_name = Some(val()?),
-            "--plot-only" => o.plot_only = Some(val()?.into()),
-            "--blocks" => o.blocks = num(val()?)? as usize,
-            "--sim" => o.force_sim = true,
-            "-h" | "--help" => {
-                print!("{USAGE}");
-                std::process::exit(0);
-            }
-            _ => return Err(format!("unknown argument {a}\n\n{USAGE}")),
-        }
-    }
-    Ok(o)
+    /// Re-plot an existing CSV into --png and exit.
+    #[arg(long, value_name = "CSV", requires = "png")]
+    plot_only: Option<PathBuf>,
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -260,20 +222,13 @@ fn fmt3(x: f64) -> String {
 }
 
 fn main() {
-    let opts = match parse_args() {
-        Ok(o) => o,
-        Err(e) => {
-            eprintln!("{e}");
-            std::process::exit(2);
-        }
-    };
-    if let Err(e) = real_main(opts) {
+    if let Err(e) = real_main(Opts::parse()) {
         eprintln!("error: {e}");
         std::process::exit(1);
     }
 }
 
-fn real_main(mut o: Opts) -> Result<(), String> {
+fn real_main(o: Opts) -> Result<(), String> {
     if let Some(csv) = &o.plot_only {
         let png = o.png.as_ref().ok_or("--plot-only needs --png OUT")?;
         let text = std::fs::read_to_string(csv).map_err(|e| format!("{}: {e}", csv.display()))?;
@@ -295,17 +250,17 @@ fn real_main(mut o: Opts) -> Result<(), String> {
     let wanted = |v: &Variant| o.variants.as_ref().is_none_or(|n| n.iter().any(|n| n == v.name));
     let needs_device = VARIANTS.iter().any(|v| wanted(v) && v.on != On::Null);
     let (device, sim_reason) = if needs_device {
-        let (d, why) = DeviceBackend::pick(o.force_sim);
+        let (d, why) = DeviceBackend::pick(o.sim);
         (Some(d), why)
     } else {
         (None, None)
     };
     let is_gpu = device.as_ref().is_some_and(DeviceBackend::is_gpu);
-    if device.is_some() && !is_gpu && !o.iters_set {
-        // The simulated device runs every call through its checker: fewer steps keep
-        // the run to a minute or two; its numbers only show the harness works.
-        o.iters = 10_000;
-    }
+    // The simulated device runs every call through its checker: fewer steps keep the run
+    // to a minute or two; its numbers only show the harness works.
+    let iters = o.iters.unwrap_or(if device.is_some() && !is_gpu { 10_000 } else { 50_000 });
+    let max_threads = o.max_threads as usize;
+    let csv = (!o.no_csv).then_some(&o.csv);
     let selected: Vec<&Variant> = VARIANTS
         .iter()
         .filter(|v| wanted(v))
@@ -335,25 +290,25 @@ fn real_main(mut o: Opts) -> Result<(), String> {
         (None, _) => println!("device: none needed (null-driver variants only)"),
     }
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let null_iters = o.null_iters.unwrap_or(o.iters.saturating_mul(10));
+    let null_iters = o.null_iters.unwrap_or(iters.saturating_mul(10));
     println!(
         "host: {cores} cores; iters per thread: {} (driver variants), {null_iters} (null \
          variants); reps: {}; gpu column: {gpu}",
-        o.iters, o.reps
+        iters, o.reps as usize
     );
     let thread_counts: Vec<usize> = std::iter::successors(Some(1usize), |t| Some(t * 2))
-        .take_while(|&t| t <= o.max_threads)
+        .take_while(|&t| t <= max_threads)
         .collect();
 
     // Streams: one per worker thread, made once per device and reused.
     let null = Arc::new(NullDriver::new(1));
-    let null_streams = make_streams(&*null, o.max_threads)?;
+    let null_streams = make_streams(&*null, max_threads)?;
     let device_streams = match &device {
         Some(d) => {
             d.init()?;
             Some(match d {
-                DeviceBackend::Cuda(c) => make_streams(&**c, o.max_threads)?,
-                DeviceBackend::Sim(s) => make_streams(&**s, o.max_threads)?,
+                DeviceBackend::Cuda(c) => make_streams(&**c, max_threads)?,
+                DeviceBackend::Sim(s) => make_streams(&**s, max_threads)?,
             })
         }
         None => None,
@@ -384,7 +339,7 @@ fn real_main(mut o: Opts) -> Result<(), String> {
     // Measurements: reps outside, variants inside, so drift hits every variant alike.
     let mut results: BTreeMap<(&str, usize), Vec<f64>> = BTreeMap::new();
     let mut failed: BTreeMap<&str, String> = BTreeMap::new();
-    for rep in 0..o.reps {
+    for rep in 0..o.reps as usize {
         for v in &selected {
             if failed.contains_key(v.name) {
                 continue;
@@ -392,8 +347,8 @@ fn real_main(mut o: Opts) -> Result<(), String> {
             for &t in &thread_counts {
                 let r = match (v.on, &device, &device_streams) {
                     (On::Null, _, _) => measure(v.name, &null, &null_streams, t, null_iters),
-                    (_, Some(DeviceBackend::Cuda(d)), Some(s)) => measure(v.name, d, s, t, o.iters),
-                    (_, Some(DeviceBackend::Sim(d)), Some(s)) => measure(v.name, d, s, t, o.iters),
+                    (_, Some(DeviceBackend::Cuda(d)), Some(s)) => measure(v.name, d, s, t, iters),
+                    (_, Some(DeviceBackend::Sim(d)), Some(s)) => measure(v.name, d, s, t, iters),
                     _ => Err("no device".to_string()),
                 };
                 match r {
@@ -415,7 +370,7 @@ fn real_main(mut o: Opts) -> Result<(), String> {
             }
         }
         // A partial CSV after every rep: a run cut short still leaves its numbers.
-        if let Some(path) = &o.csv {
+        if let Some(path) = csv {
             let rows = median_rows(&gpu, &selected, &thread_counts, &results, &failed);
             write_csv(path, &rows, &extra_rows)?;
         }
@@ -432,10 +387,10 @@ fn real_main(mut o: Opts) -> Result<(), String> {
             for &t in &thread_counts {
                 let r = match (&device, &device_streams) {
                     (Some(DeviceBackend::Cuda(d)), Some(s)) => {
-                        workload::reserve_ratio(d, s, t, o.iters, cache)
+                        workload::reserve_ratio(d, s, t, iters, cache)
                     }
                     (Some(DeviceBackend::Sim(d)), Some(s)) => {
-                        workload::reserve_ratio(d, s, t, o.iters, cache)
+                        workload::reserve_ratio(d, s, t, iters, cache)
                     }
                     _ => continue,
                 };
@@ -458,7 +413,7 @@ fn real_main(mut o: Opts) -> Result<(), String> {
                 }
             }
         }
-        if let Some(path) = &o.csv {
+        if let Some(path) = csv {
             let rows = median_rows(&gpu, &selected, &thread_counts, &results, &failed);
             write_csv(path, &rows, &extra_rows)?;
         }
@@ -482,7 +437,7 @@ fn real_main(mut o: Opts) -> Result<(), String> {
     }
 
     let rows = median_rows(&gpu, &selected, &thread_counts, &results, &failed);
-    if let Some(path) = &o.csv {
+    if let Some(path) = csv {
         write_csv(path, &rows, &extra_rows)?;
         println!("wrote {}", path.display());
     }
@@ -495,7 +450,7 @@ fn real_main(mut o: Opts) -> Result<(), String> {
     for (name, e) in &failed {
         println!("{name} failed: {e}");
     }
-    print_table(&gpu, &selected, &thread_counts, &rows, o.reps);
+    print_table(&gpu, &selected, &thread_counts, &rows, o.reps as usize);
     Ok(())
 }
 
