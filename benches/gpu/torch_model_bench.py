@@ -177,17 +177,26 @@ def worker(mode, cfg):
             how = sa.install()
             if how != "shim":
                 raise RuntimeError(f"streamalloc_torch.install() gave {how!r}, not 'shim'")
-        else:
-            sa._load(sa._find_lib(None))  # the dry run: the library and its configuration only
+        else:  # the dry run: the library on the simulated device, not PyTorch's allocator
+            sa._load(sa._find_lib(None))
         res["streamalloc_config"] = sa.config()
         res["streamalloc_lib"] = sa.lib_path()
+        res["streamalloc_backend"] = sa.backend()
+        want = "cuda" if cfg["device"] == "cuda" else "sim"
+        if res["streamalloc_backend"] != want:
+            raise RuntimeError(f"streamalloc backend {res['streamalloc_backend']!r}, expected {want!r}")
     import torch
     dev = cfg["device"]
     if dev == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("CUDA is not available (use --device cpu for a dry run)")
     res["torch"] = torch.__version__
     if dev == "cuda":
+        # PyTorch's own name for its allocator: checks that the mode took effect.
         res["allocator_backend"] = torch.cuda.get_allocator_backend()
+        expect = {"native": "native", "cudaMallocAsync": "cudaMallocAsync"}.get(mode)
+        if expect and res["allocator_backend"] != expect:
+            raise RuntimeError(f"mode {mode}: PyTorch reports allocator backend "
+                               f"{res['allocator_backend']!r}")
     held = Held(torch, dev)  # before the first allocation (creates the context on CUDA)
 
     torch.manual_seed(cfg["seed"])
@@ -235,7 +244,7 @@ def worker(mode, cfg):
         res["allocated_mib"] = mib(torch.cuda.memory_allocated())
         res["peak_allocated_mib"] = mib(torch.cuda.max_memory_allocated())
         res["pool_idle_mib"] = res["reserved_mib"] - res["allocated_mib"]
-    if sa is not None and dev == "cuda":
+    if sa is not None:  # on the dry run, the simulated device's (unused) statistics
         st = sa.stats(0)
         res["streamalloc_stats"] = st
         res["sa_reserved_mib"] = mib(st["reserved_current"])
@@ -275,10 +284,15 @@ def card_name(device):
     return names[0] if names else "unknown"
 
 
-def mode_env(mode, modes):
-    torch_conf, sa_conf, _ = modes[mode]
+def mode_env(mode, cfg):
+    """The worker's environment: exactly the mode's allocator settings (the caller's
+    PYTORCH_CUDA_ALLOC_CONF / STREAMALLOC_CONF do not leak into other modes); streamalloc
+    on the real device, or on the simulated one for the CPU dry run."""
+    torch_conf, sa_conf, _ = cfg["modes"][mode]
+    backend = "sim" if cfg["device"] == "cpu" else None
     env = dict(os.environ)
-    for key, value in (("PYTORCH_CUDA_ALLOC_CONF", torch_conf), ("STREAMALLOC_CONF", sa_conf)):
+    for key, value in (("PYTORCH_CUDA_ALLOC_CONF", torch_conf), ("STREAMALLOC_CONF", sa_conf),
+                       ("STREAMALLOC_BACKEND", backend)):
         env.pop(key, None)
         if value is not None:
             env[key] = value
@@ -289,7 +303,7 @@ def run_one(mode, cfg, log, timeout):
     t0 = time.time()
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", mode, json.dumps(cfg)]
     try:
-        p = subprocess.run(cmd, env=mode_env(mode, cfg["modes"]), capture_output=True,
+        p = subprocess.run(cmd, env=mode_env(mode, cfg), capture_output=True,
                            text=True, timeout=timeout)
         out, err, rc = p.stdout, p.stderr, p.returncode
     except subprocess.TimeoutExpired as e:
@@ -317,13 +331,14 @@ def fmt(v, digits=1):
 
 
 def csv_row(gpu, r, cfg):
-    row = {"gpu": gpu, "steps": cfg["steps"], "warmup": cfg["warmup"], "batch": cfg["batch"],
-           "seq_min": cfg["seq_min"], "seq_max": cfg["seq_max"]}
+    fixed = {"gpu": gpu, "steps": cfg["steps"], "warmup": cfg["warmup"], "batch": cfg["batch"],
+             "seq_min": cfg["seq_min"], "seq_max": cfg["seq_max"]}
+    row = {}
     for k in RUN_FIELDS:
-        if k in row:
-            continue
         v = r.get(k)
-        if k == "ok":
+        if k in fixed:
+            row[k] = fixed[k]
+        elif k == "ok":
             row[k] = int(bool(v))
         elif k == "final_loss":
             row[k] = fmt(v, 5)
@@ -406,6 +421,10 @@ def summarize(results, modes, gpu):
             v = med[m][key]
             if v is not None:
                 lines.append(f"  {m:18} {key:12} {v[1]:.{d}f} .. {v[2]:.{d}f} over {v[3]} runs")
+    losses = [r["final_loss"] for r in results if r.get("ok")]
+    if losses:
+        lines.append(f"  final loss over all runs: {min(losses):.6f} .. {max(losses):.6f} "
+                     "(same data and seed: the allocator must not change the training)")
     if ratio_rows:
         lines.append("\nratios of medians")
         for m, label, v, verdict in ratio_rows:
@@ -427,9 +446,11 @@ def parse_args(argv):
     p.add_argument("--reps", type=int, default=5, help="rounds (every mode once per round)")
     p.add_argument("--min-reps", type=int, default=3,
                    help="rounds always run; later ones only while --budget-s allows")
-    p.add_argument("--budget-s", type=float, default=330.0,
+    p.add_argument("--budget-s", type=float, default=300.0,
                    help="no new round after --min-reps when it would end past this (seconds)")
-    p.add_argument("--timeout", type=float, default=240.0, help="per run (seconds)")
+    p.add_argument("--deadline-s", type=float, default=360.0,
+                   help="no run starts after this (seconds); a run is stopped 30s after it")
+    p.add_argument("--timeout", type=float, default=120.0, help="per run (seconds)")
     p.add_argument("--steps", type=int, default=None, help="training steps per run (120)")
     p.add_argument("--warmup", type=int, default=None, help="untimed first steps (10)")
     p.add_argument("--batch", type=int, default=None, help="16")
@@ -524,7 +545,10 @@ def main(argv):
             t_round = time.time()
             order = a.mode_list[rep % len(a.mode_list):] + a.mode_list[:rep % len(a.mode_list)]
             for pos, mode in enumerate(order):
-                r = run_one(mode, cfg, log, a.timeout)
+                elapsed = time.time() - t_begin
+                if elapsed > a.deadline_s:
+                    break
+                r = run_one(mode, cfg, log, max(10.0, min(a.timeout, a.deadline_s + 30 - elapsed)))
                 r["rep"], r["position"] = rep, pos
                 if r.get("ok") and r.get("seq_digest") != digest:
                     r["ok"] = False
@@ -539,6 +563,12 @@ def main(argv):
                            if r.get("ok") else f"FAILED: {r.get('error', '?')[:150]}"))
                 print(line, flush=True)
             round_times.append(time.time() - t_round)
+            if time.time() - t_begin > a.deadline_s:
+                msg = f"stopping in round {rep}: past the {a.deadline_s:.0f}s deadline"
+                print(msg)
+                log.write(msg + "\n")
+                failed |= rep + 1 < a.min_reps
+                break
         lines, rows = summarize(results, a.mode_list, gpu)
         configs = sorted({(r["mode"], r.get("streamalloc_config")) for r in results
                           if r.get("streamalloc_config")})
@@ -559,6 +589,68 @@ def main(argv):
     return 1 if failed or not results else 0
 
 
+def self_test():
+    """Checks the parts that need no torch: arguments, the sequence, CSV rows, medians and
+    ratios on made-up runs. Prints "self-test: ok" or raises."""
+    import contextlib
+    import io
+    a = parse_args([])
+    assert (a.steps, a.warmup, a.batch, a.seq_min, a.seq_max, a.d_model, a.nhead, a.layers) == \
+        (120, 10, 16, 64, 512, 512, 8, 4), vars(a)
+    assert a.mode_list == list(BASE_MODES) and a.device == "cuda" and a.reps >= a.min_reps >= 3
+    d = parse_args(["--dry-run", "--steps", "20", "--extra-mode", "x=cache:off"])
+    assert d.device == "cpu" and d.steps == 20 and d.d_model == 32
+    assert d.mode_list[-1] == "x" and d.mode_table["x"] == (None, "cache:off", True)
+    for bad in (["--modes", "native,bogus"], ["--modes", "native,native"], ["--steps", "5"],
+                ["--seq-min", "600"], ["--d-model", "100"], ["--extra-mode", "native=x"],
+                ["--extra-mode", "noequals"]):
+        with contextlib.redirect_stderr(io.StringIO()):
+            try:
+                parse_args(bad)
+            except SystemExit as e:
+                assert e.code == 2, bad
+            else:
+                raise AssertionError(f"accepted {bad}")
+    seq = seq_lengths(1234, 120, 64, 512)
+    assert seq == seq_lengths(1234, 120, 64, 512) and seq != seq_lengths(1235, 120, 64, 512)
+    assert min(seq) >= 64 and max(seq) <= 512 and len(set(seq)) > 60
+    assert seq_digest(seq) == seq_digest(list(seq)) != seq_digest(seq[:-1])
+    env = mode_env("streamalloc_fast", {"device": "cuda", "modes": BASE_MODES})
+    assert env["STREAMALLOC_CONF"] == "release:fast" and "PYTORCH_CUDA_ALLOC_CONF" not in env
+    env = mode_env("cudaMallocAsync", {"device": "cpu", "modes": BASE_MODES})
+    assert env["PYTORCH_CUDA_ALLOC_CONF"] == "backend:cudaMallocAsync"
+    assert env["STREAMALLOC_BACKEND"] == "sim" and "STREAMALLOC_CONF" not in env
+
+    def run(mode, sps, held, ok=True):
+        return {"mode": mode, "ok": ok, "steps_per_s": sps, "held_mib": held, "final_loss": 2.5,
+                "proc_mib": None}
+    results = [run("native", 10.0, 2000.0), run("native", 12.0, 2100.0), run("native", 11.0, 1900.0),
+               run("cudaMallocAsync", 9.0, 2000.0), run("cudaMallocAsync", 9.5, 2200.0),
+               run("cudaMallocAsync", 8.0, 2100.0),
+               run("streamalloc", 11.5, 2150.0), run("streamalloc", 11.0, 2050.0),
+               run("streamalloc", 12.0, 2000.0), run("streamalloc", 1.0, 9999.0, ok=False),
+               run("streamalloc_fast", 13.2, 4200.0)]
+    lines, rows = summarize(results, list(BASE_MODES), "Card X")
+    got = {(m, k): v for g, m, k, v in rows if g == "Card X"}
+    assert got[("native", "steps_per_s_median")] == 11.0
+    assert got[("cudaMallocAsync", "held_mib_median")] == 2100.0
+    assert got[("streamalloc", "runs_ok")] == 3                     # the failed run is left out
+    assert abs(got[("streamalloc", "ratio_held_mib_over_cudaMallocAsync")] - 2050 / 2100) < 1e-12
+    assert abs(got[("streamalloc", "ratio_steps_per_s_over_native")] - 11.5 / 11.0) < 1e-12
+    assert abs(got[("streamalloc_fast", "ratio_held_mib_over_cudaMallocAsync")] - 2.0) < 1e-12
+    assert ("streamalloc", "ratio_proc_mib_over_cudaMallocAsync") not in got  # no nvidia-smi figure
+    text = "\n".join(" ".join(line.split()) for line in lines)
+    assert "streamalloc held / cudaMallocAsync held 0.976 goal <= 1.05: met" in text, text
+    assert "streamalloc_fast held / cudaMallocAsync held 2.000 goal <= 1.05: MISSED" in text
+    assert "streamalloc 3/4 11.50 2050" in text, text
+    row = csv_row("Card X", {**results[0], "rep": 1, "position": 2, "reserved_mib": 1.25},
+                  vars(a))
+    assert list(row) == RUN_FIELDS and row["gpu"] == "Card X" and row["steps_per_s"] == "10.000"
+    assert row["reserved_mib"] == "1.2" and row["proc_mib"] == "" and row["ok"] == 1
+    print("self-test: ok")
+    return 0
+
+
 def conf_text(entry):
     torch_conf, sa_conf, installs = entry
     if installs:
@@ -569,4 +661,6 @@ def conf_text(entry):
 if __name__ == "__main__":
     if len(sys.argv) == 4 and sys.argv[1] == "--worker":
         sys.exit(worker_main(sys.argv[2], sys.argv[3]))
+    if sys.argv[1:] == ["--self-test"]:
+        sys.exit(self_test())
     sys.exit(main(sys.argv[1:]))
