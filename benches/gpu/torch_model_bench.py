@@ -523,7 +523,8 @@ def main(argv):
               f"sequence: {lengths[:12]}{' ...' if len(lengths) > 12 else ''} "
               f"(mean {statistics.mean(lengths):.1f}, digest {digest})",
               f"modes: {', '.join(f'{m} [{conf_text(a.mode_table[m])}]' for m in a.mode_list)}",
-              f"rounds: {a.reps} ({a.min_reps} at least, budget {a.budget_s:.0f}s), interleaved"]
+              f"rounds: {a.reps} ({a.min_reps} at least; more only within {a.budget_s:.0f}s; "
+              f"no run starts after {a.deadline_s:.0f}s), interleaved"]
     print("\n".join(header), flush=True)
     results = []
     t_begin = time.time()

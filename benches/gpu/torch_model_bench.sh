@@ -12,14 +12,18 @@
 #
 # Arguments go to torch_model_bench.py (--reps, --steps, --modes, --extra-mode, ...;
 # --dry-run: CPU, tiny sizes, streamalloc on its simulated device: no GPU needed).
-# Env: GPU_DIR (.gpu), OUT (./out), PYTHON (python3).
+# Env: GPU_DIR (.gpu), OUT (./out), PYTHON (python3), TOTAL_S (450: counted from this
+# script's start, no run starts after TOTAL_S - 40 seconds, and a round beyond the third
+# starts only if it should end by TOTAL_S - 100).
 # Writes $OUT/torch_model_bench{.csv,_summary.csv,.log,.json} and torch_model_env.txt; the
-# summary table is printed last. Defaults: about 4 minutes on an H100, at most 8.
+# summary table is printed last; exit status 0 when every run succeeded. Defaults: about
+# 4 minutes on an H100 (5 rounds of 4 modes), at most 8.
 set -uo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 GPU=${GPU_DIR:-$ROOT/.gpu}
 OUT=${OUT:-$PWD/out}
 PY=${PYTHON:-python3}
+TOTAL_S=${TOTAL_S:-450}
 mkdir -p "$OUT"
 DRY=0
 for a in "$@"; do
@@ -67,4 +71,8 @@ else
   STREAMALLOC_BACKEND=sim "$PY" -c "import streamalloc_torch as s; print('package:', s.__file__); s._load(s._find_lib(None)); print('library', s.lib_path(), 'config', s.config())" 2>&1 \
     | grep -E "^(package|library)|Error"
 fi
-exec "$PY" "$ROOT/benches/gpu/torch_model_bench.py" --out "$OUT" "$@"
+# The whole script within TOTAL_S: the runs' deadline and the rounds' budget count what
+# the install and the shim build took (arguments given to this script win).
+LEFT=$((TOTAL_S - SECONDS))
+exec "$PY" "$ROOT/benches/gpu/torch_model_bench.py" --out "$OUT" \
+  --deadline-s $((LEFT > 100 ? LEFT - 40 : 60)) --budget-s $((LEFT > 160 ? LEFT - 100 : 60)) "$@"
