@@ -421,6 +421,10 @@ def summarize(results, modes, gpu):
             v = med[m][key]
             if v is not None:
                 lines.append(f"  {m:18} {key:12} {v[1]:.{d}f} .. {v[2]:.{d}f} over {v[3]} runs")
+    spread = [f"{m} {100 * (v[2] - v[1]) / v[0]:.1f}%" for m in modes
+              for v in [med[m]["steps_per_s"]] if v is not None and v[0]]
+    if spread:
+        lines.append("  steps/s spread over runs, (max - min) / median: " + ", ".join(spread))
     losses = [r["final_loss"] for r in results if r.get("ok")]
     if losses:
         lines.append(f"  final loss over all runs: {min(losses):.6f} .. {max(losses):.6f} "
@@ -644,6 +648,7 @@ def self_test():
     assert "streamalloc held / cudaMallocAsync held 0.976 goal <= 1.05: met" in text, text
     assert "streamalloc_fast held / cudaMallocAsync held 2.000 goal <= 1.05: MISSED" in text
     assert "streamalloc 3/4 11.50 2050" in text, text
+    assert "(max - min) / median: native 18.2%, cudaMallocAsync 16.7%" in text, text
     row = csv_row("Card X", {**results[0], "rep": 1, "position": 2, "reserved_mib": 1.25},
                   vars(a))
     assert list(row) == RUN_FIELDS and row["gpu"] == "Card X" and row["steps_per_s"] == "10.000"
