@@ -33,6 +33,7 @@ The summary is printed last. Exit status 1 when a run failed or saw another sequ
 
     python3 torch_model_bench.py --out DIR                # defaults: the workload
     python3 torch_model_bench.py --dry-run --out DIR      # CPU, tiny sizes: the plumbing
+    python3 torch_model_bench.py --self-test              # no torch: arguments, CSV, summary
 
 Where streamalloc_torch comes from: the installed package (benches/gpu/torch_model_bench.sh
 installs the wheel offline), or PYTHONPATH / STREAMALLOC_LIB as the module's docs say.
