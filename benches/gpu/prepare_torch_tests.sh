@@ -5,7 +5,7 @@
 #   .gpu/libstreamalloc.so, .gpu/wheel/streamalloc_torch-*.whl,
 #   .gpu/tests/test_torch.py (without the module: the tests import the installed wheel).
 # Then, on the GPU host: benches/gpu/torch_tests.sh (one GPU), torch_tests_2gpu.sh (two),
-# torch_alloc_bench.sh (speed).
+# torch_alloc_bench.sh (speed), torch_model_bench.sh (a training's steps/s and memory held).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 TARGET=${CARGO_TARGET_DIR:-target}
