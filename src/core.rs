@@ -157,6 +157,9 @@ pub struct StreamAlloc<D: Driver> {
     caches: DashMap<(Device, Stream), Arc<StreamCache>>,
     /// Tells this allocator's entries apart in the per-thread stream-cache memo.
     id: u64,
+    /// S23: ask the driver for an earlier error before each driver-tier malloc and free
+    /// (not where its malloc and free report such errors themselves: CUDA).
+    check_errors: bool,
 }
 
 /// What a cache lookup found.
@@ -220,6 +223,7 @@ impl<D: Driver> StreamAlloc<D> {
             })
             .collect();
         StreamAlloc {
+            check_errors: !driver.calls_report_prior_errors(),
             driver: Laned::auto(driver),
             shards,
             blocks: DashMap::with_hasher_and_shard_amount(
@@ -347,7 +351,9 @@ impl<D: Driver> StreamAlloc<D> {
             self.flush_deferred(&section)?;
         }
         self.lazy_init(shard)?;
-        self.driver.check_last_error(device)?;
+        if self.check_errors {
+            self.driver.check_last_error(device)?;
+        }
         self.reserve_exact(shard, size)?;
         let alloc_size = self.driver_size(size) as usize;
         let mut result = self.driver.malloc_async(device, alloc_size, stream);
@@ -855,7 +861,8 @@ impl<D: Driver> StreamOrderedAllocator for StreamAlloc<D> {
         // The cache tier: no driver call, so no read section is needed (as for a handle's
         // free): a capture that begins after this load finds the block cached, where a
         // capture never takes it from.
-        if !self.epoch.capturing()
+        if self.cache.enabled
+            && !self.epoch.capturing()
             && let Some((_, info)) =
                 self.blocks.remove_if(&key, |_, b| !b.free_deferred && self.cacheable(b))
         {
@@ -877,7 +884,9 @@ impl<D: Driver> StreamOrderedAllocator for StreamAlloc<D> {
             return Err(self.unknown_or_double_free(ptr));
         };
         let device = info.device as Device;
-        if let Err(e) = self.driver.check_last_error(device) {
+        if self.check_errors
+            && let Err(e) = self.driver.check_last_error(device)
+        {
             self.blocks.insert(key, info);
             return Err(e.into());
         }

@@ -3,3 +3,4 @@
 
 mod loom_budget;
 mod loom_epoch;
+mod loom_lane;
