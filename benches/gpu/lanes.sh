@@ -15,6 +15,9 @@
 #   streamalloc         the lock-free core, passthrough, with the default lane for CUDA
 #   streamalloc_{nolane,lock,delegate,delegate_always}   the same with each lane
 #   seed_replica_null, streamalloc_null   bookkeeping alone (null driver)
+# Then, when .gpu/bin/gpu-tests exists (benches/gpu/build.sh makes it), the GPU test
+# suite once per lane (STREAMALLOC_DRIVER_LANE=lock, delegate, delegate_always: the
+# allocator's default lane for CUDA is taken from it) -> <card>-lanes-tests-<lane>.log.
 # About 3-4 minutes with the defaults; tune with ITERS (per thread, driver variants;
 # null variants run NULL_ITERS), REPS, MAXT, ANCHOR_ITERS. Set ANCHORS= (empty) to skip
 # the PyTorch anchor.
@@ -60,6 +63,23 @@ if [ -n "$ANCHORS" ]; then
   echo "PyTorch anchor: $((SECONDS - START)) s"
 fi
 
+TESTS_BIN=${TESTS_BIN:-.gpu/bin/gpu-tests}
+TEST_LANES=${TEST_LANES:-lock delegate delegate_always}
+TEST_SUMMARY=""
+if [ -x "$TESTS_BIN" ]; then
+  for lane in $TEST_LANES; do
+    LOG="$OUT/$CARD-lanes-tests-$lane.log"
+    STREAMALLOC_DRIVER_LANE=$lane STREAMALLOC_GPU_REQUIRED=1 timeout 420 "$TESTS_BIN" \
+      --test-threads=1 --nocapture >"$LOG" 2>&1
+    rc=$?
+    TEST_SUMMARY="$TEST_SUMMARY
+  gpu tests, lane $lane: rc $rc: $(grep -E '^test result' "$LOG" | tail -n1)"
+  done
+else
+  TEST_SUMMARY="
+  gpu tests: skipped ($TESTS_BIN not carried)"
+fi
+
 "$BIN" --plot-only "$CSV" --png "$OUT/$CARD-lanes.png" --gpu-name "$NAME"
 
 # The table, then the issue's goals against this run.
@@ -94,3 +114,4 @@ awk -F, -v maxt="$MAXT" 'NR > 1 { v[$2, $3] = $4 }
     printf "  the driver alone from one thread: %s M pairs/s on 1 stream, %s on %d streams\n", \
       v["raw_one_thread", 1], v["raw_one_thread", maxt], maxt
   }' "$CSV"
+echo "$TEST_SUMMARY"
