@@ -873,6 +873,12 @@ impl Driver for CudaDriver {
         true
     }
 
+    /// A sticky error is returned by every call on the context, `cuMemAllocAsync` and
+    /// `cuMemFreeAsync` included (see `check_last_error`).
+    fn calls_report_prior_errors(&self) -> bool {
+        true
+    }
+
     fn name(&self) -> &'static str {
         "cuda"
     }

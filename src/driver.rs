@@ -123,6 +123,16 @@ pub trait Driver: Send + Sync + 'static {
         false
     }
 
+    /// Whether `malloc_async` and `free_async` themselves report an error left by earlier
+    /// work (S23), so that the allocator need not call `check_last_error` before each.
+    /// True for CUDA, where a sticky error is returned by every later call on the
+    /// context (and `check_last_error` is one more driver call that sees nothing else);
+    /// false where the check reports something the calls do not (the simulated device's
+    /// injected errors).
+    fn calls_report_prior_errors(&self) -> bool {
+        false
+    }
+
     /// Tells the driver layer that a block the allocator kept (never returned to the
     /// driver) is handed out again on `stream`. A no-op on real hardware; the simulated
     /// device checks that the reuse is ordered after the block's last use.
@@ -239,6 +249,9 @@ impl<T: Driver + ?Sized> Driver for std::sync::Arc<T> {
     }
     fn serializes_internally(&self) -> bool {
         (**self).serializes_internally()
+    }
+    fn calls_report_prior_errors(&self) -> bool {
+        (**self).calls_report_prior_errors()
     }
     #[inline]
     fn note_reuse(&self, device: Device, ptr: DevicePtr, size: usize, stream: Stream) {

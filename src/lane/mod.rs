@@ -227,6 +227,9 @@ macro_rules! forward_driver {
         ) {
             self.$inner().note_cached(device, ptr, size, stream)
         }
+        fn calls_report_prior_errors(&self) -> bool {
+            self.$inner().calls_report_prior_errors()
+        }
         fn sync_streams(
             &self,
             dependency: $crate::types::UsageStream,
@@ -326,3 +329,6 @@ impl<D: Driver> Driver for Laned<D> {
 
     forward_driver!(inner);
 }
+
+#[cfg(all(test, not(streamalloc_loom)))]
+mod tests;

@@ -3,4 +3,5 @@
 
 mod loom_budget;
 mod loom_epoch;
+mod loom_lane;
 mod loom_ptr_free;

@@ -51,10 +51,10 @@ struct Variant {
 const VARIANTS: &[Variant] = &[
     Variant { name: "raw_driver", on: On::GpuOnly },
     // The driver alone: one thread, N streams (the threads column is N), alternating.
-    Variant { name: "raw_one_thread", on: On::GpuOnly },
+    Variant { name: "raw_one_thread", on: On::Device },
     // The driver through a lane alone, no bookkeeping.
-    Variant { name: "raw_lock", on: On::GpuOnly },
-    Variant { name: "raw_delegate", on: On::GpuOnly },
+    Variant { name: "raw_lock", on: On::Device },
+    Variant { name: "raw_delegate", on: On::Device },
     Variant { name: "seed_replica", on: On::Device },
     Variant { name: "streamalloc", on: On::Device },
     Variant { name: "streamalloc_nolane", on: On::Device },
