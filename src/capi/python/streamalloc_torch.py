@@ -42,6 +42,7 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 _lib = None
 _lib_path = None
 _mode = None  # "shim" or "plain"
+_shim = None  # the compiled shim module once install() made it PyTorch's allocator
 
 # streamalloc_memory_stats in streamalloc.h (fields only ever added at the end).
 _STAT_FIELDS = (
@@ -185,7 +186,7 @@ def install(lib_path=None, require_shim=True):
     """Makes libstreamalloc PyTorch's CUDA allocator. Call before CUDA is first used.
 
     Returns "shim" or "plain" (the fallback, only when require_shim is False)."""
-    global _mode
+    global _mode, _shim
     if _mode is not None:
         return _mode
     import torch
@@ -204,6 +205,7 @@ def install(lib_path=None, require_shim=True):
         _mode = "plain"
         return _mode
     shim.install(path)
+    _shim = shim
     _mode = "shim"
     return _mode
 
