@@ -13,8 +13,10 @@ is found) and makes it PyTorch's allocator. With the shim, PyTorch's memory API 
 as with PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync: torch.cuda.memory_stats() and
 the functions built on it, reset_peak_memory_stats(), cudnn.benchmark (cacheInfo),
 cross-device copies (peer access to the pool), graph capture, record_stream, and an
-allocation failure raises torch.cuda.OutOfMemoryError with the seed's message. The
-library's warnings arrive as Python UserWarnings.
+allocation failure raises torch.cuda.OutOfMemoryError with the seed's message. Beyond the
+seed: torch.cuda.memory._record_memory_history, _snapshot / _dump_snapshot (memory_viz's
+pickle, with frames) and torch._C._cuda_attach_out_of_memory_observer. The library's
+warnings arrive as Python UserWarnings.
 
 Configuration: STREAMALLOC_CONF, e.g. "cache:on,max_cache_mb:2048" (see config() and
 the README); install() checks it first and raises ValueError naming a bad key.
