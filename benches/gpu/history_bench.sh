@@ -20,6 +20,16 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 cd "$ROOT"
 DIR=${HISTORY_DIR:-$ROOT/.gpu-history}
 
+# The benchmark binary, release: a workspace member (benches/streamalloc-bench) in newer
+# trees, a binary of the root package in older ones (BASE may be either).
+build_bench() {
+  if [ -f benches/streamalloc-bench/Cargo.toml ]; then
+    cargo build --release -p streamalloc-bench --bin streamalloc-bench
+  else
+    cargo build --release --bin streamalloc-bench
+  fi
+}
+
 prepare() {
   set -e
   if [ -z "${BASE:-}" ]; then
@@ -30,11 +40,11 @@ prepare() {
   rm -rf "$DIR" && mkdir -p "$DIR"
   EXCLUDE=$(git rev-parse --git-path info/exclude)
   git check-ignore -q .gpu-history || echo '/.gpu-history/' >>"$EXCLUDE"
-  cargo build --release --bin streamalloc-bench
+  build_bench
   cp "$CARGO_TARGET_DIR/release/streamalloc-bench" "$DIR/"
   SRC=$(mktemp -d)
   git archive "$BASE" | tar -x -C "$SRC"
-  (cd "$SRC" && CARGO_TARGET_DIR="$ROOT/target/history-base" cargo build --release --bin streamalloc-bench)
+  (cd "$SRC" && CARGO_TARGET_DIR="$ROOT/target/history-base" build_bench)
   cp "$ROOT/target/history-base/release/streamalloc-bench" "$DIR/streamalloc-bench-base"
   rm -rf "$SRC"
   strip "$DIR"/streamalloc-bench "$DIR"/streamalloc-bench-base 2>/dev/null || true
