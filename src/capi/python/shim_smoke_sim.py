@@ -19,6 +19,11 @@ shim's `_test_*` entry points do their work here (same c10 calls, same arguments
     STREAMALLOC_BACKEND=sim STREAMALLOC_LIB=target/debug/libstreamalloc.so \\
         CUDA_HOME=<cuda headers> python3 src/capi/python/shim_smoke_sim.py
 
+CUDA_HOME needs include/ with the runtime headers (crt/host_config.h among them) and
+lib64/libcudart.so; without a toolkit, a pip-installed torch has them: include/ from
+site-packages/triton/backends/nvidia/include, libcudart.so linked to
+site-packages/nvidia/cu13/lib/libcudart.so.13.
+
 Prints "shim smoke test on the simulated device: ok" or raises.
 """
 
