@@ -4,8 +4,8 @@
 # torch tests and torch benchmark need into .gpu/ (git-ignored; carry it to the GPU host):
 #   .gpu/libstreamalloc.so, .gpu/wheel/streamalloc_torch-*.whl,
 #   .gpu/tests/test_torch.py (without the module: the tests import the installed wheel).
-# Then, on the GPU host: benches/gpu/torch_tests.sh (one GPU: every test in test_torch.py),
-# torch_tests_2gpu.sh (two), torch_alloc_bench.sh (speed).
+# Then, on the GPU host: benches/gpu/torch_tests.sh (one GPU), torch_tests_2gpu.sh (two),
+# torch_alloc_bench.sh (speed).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 TARGET=${CARGO_TARGET_DIR:-target}
