@@ -4,8 +4,13 @@
 # would (pip, offline, into .gpu/site so the host's Python stays as it is), builds the
 # PyTorch shim (cached in .gpu/shim_cache), runs test_torch.py's tests in subprocesses
 # (native, cudaMallocAsync, streamalloc) and writes torch_tests.log / torch_tests.json to
-# $OUT. TESTS=a,b limits the tests (default: all; the 2-GPU ones skip on one GPU).
-# The last lines are the table; "N passed (S skipped), 0 failed" means success.
+# $OUT. The one script for the one-GPU PyTorch run: by default every test in
+# test_torch.py (the issue's table, train, record_stream, threads, oom, graph, and
+# PyTorch's memory tools: snapshot, history, oom_observer, compile; the 2-GPU ones skip
+# on one GPU). TESTS=a,b limits the tests.
+# The last lines are the table; "N passed (S skipped), 0 failed" means success, followed
+# by "; U not supported (...)" for the known refusals (the seed's memory tools, and
+# compile under streamalloc).
 set -uo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 GPU=${GPU_DIR:-$ROOT/.gpu}

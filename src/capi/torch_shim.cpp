@@ -37,6 +37,16 @@
 //    raw_alloc, raw_alloc_with_stream, raw_delete and the DataPtr deleter go straight to
 //    the library (STREAMALLOC_SHIM_BOOKKEEPING=1 keeps the base class's path, for
 //    measurements).
+//  * History, OOM observers and snapshots (torch.cuda.memory._record_memory_history,
+//    _snapshot, _dump_snapshot, torch._C._cuda_attach_out_of_memory_observer; the block
+//    marked "history, OOM observers, snapshot" below): recordHistory / isHistoryEnabled
+//    drive the library's ring (streamalloc_record_history); the frames PyTorch gathers
+//    (its CreateContextFn) are kept here under a context id that the library stores with
+//    each entry the call records; snapshot() builds c10's SnapshotInfo (one segment of
+//    one block per driver allocation: live, free deferred by a capture, cached; and
+//    device_traces) so that memory_viz reads it; attachOutOfMemoryObserver registers
+//    PyTorch's observers with the library (an observer's exception is rethrown from the
+//    allocation). With no frames asked for, the hot path pays one relaxed load.
 //  * The library's warnings become TORCH_WARNs (Python UserWarnings); init, emptyCache,
 //    setMemoryFraction and getBaseAllocation are routed to the library; errors are
 //    thrown as c10::Error (RuntimeError in Python).
@@ -47,9 +57,11 @@
 // include it (benches/gpu/torch_alloc_bench.cpp).
 
 #ifndef STREAMALLOC_SHIM_NO_PYTHON
+#include <torch/csrc/profiler/combined_traceback.h>
 #include <torch/extension.h>
 #endif
 #include <c10/core/CachingDeviceAllocator.h>
+#include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -62,10 +74,19 @@
 #define STREAMALLOC_NO_CUDA_TYPES 1
 #include "streamalloc.h"
 
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
 #include <cstdlib>
+#include <deque>
+#include <exception>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
+#include <unordered_map>
+#include <utility>
+#include <vector>
 
 namespace streamalloc_shim {
 
@@ -88,6 +109,13 @@ struct Lib {
   decltype(&streamalloc_enable_peer_access) enable_peer = nullptr;
   decltype(&streamalloc_cache_info_on) cache_info_on = nullptr;
   decltype(&streamalloc_set_warning_handler) set_warning_handler = nullptr;
+  // ---- history, OOM observers, snapshot ----
+  decltype(&streamalloc_record_history) record_history = nullptr;
+  decltype(&streamalloc_history_enabled) history_enabled = nullptr;
+  decltype(&streamalloc_history_set_context) set_context = nullptr;
+  decltype(&streamalloc_history) history = nullptr;
+  decltype(&streamalloc_snapshot_blocks) snapshot_blocks = nullptr;
+  decltype(&streamalloc_attach_oom_observer) attach_oom_observer = nullptr;
 };
 
 inline Lib lib;
@@ -117,9 +145,77 @@ inline void check_status(int status, const char* what) {
   }
 }
 
-inline void* shim_alloc(size_t size, int device, cudaStream_t stream) {
+// ---- history, OOM observers, snapshot: the shim's state ----
+
+namespace cca = c10::cuda::CUDACachingAllocator;
+
+// The frames PyTorch asked recordHistory for (cca::RecordContext), read on every
+// allocation and free: NEVER (the default, and history without frames: the library
+// records the entries itself) costs that one relaxed load.
+inline std::atomic<int> context_when{static_cast<int>(cca::RecordContext::NEVER)};
+inline std::atomic<cca::CreateContextFn> recorder{nullptr};
+
+struct Contexts {
+  std::mutex m;
+  uint64_t next_id = 1;
+  size_t max_ids = 1;
+  // Frames of the newest trace entries, by the id the library stored with them.
+  std::deque<std::pair<uint64_t, std::shared_ptr<c10::GatheredContext>>> trace;
+  // Frames of live blocks (context_when_allocated), by address.
+  std::unordered_map<void*, std::shared_ptr<c10::GatheredContext>> live;
+};
+// Never destroyed: frames may hold Python objects, which cannot be released at exit.
+inline Contexts& contexts = *new Contexts;
+
+// An exception an OOM observer threw on this thread, rethrown by the allocation
+// (PyTorch's allocator lets an observer's exception propagate out of malloc).
+inline thread_local std::exception_ptr observer_error;
+
+inline bool frames_wanted() {
+  return context_when.load(std::memory_order_relaxed) !=
+      static_cast<int>(cca::RecordContext::NEVER);
+}
+
+// Files frames for trace entries; returns the id the library records with them.
+inline uint64_t file_context(std::shared_ptr<c10::GatheredContext> ctx) {
+  std::lock_guard<std::mutex> g(contexts.m);
+  uint64_t id = contexts.next_id++;
+  contexts.trace.emplace_back(id, std::move(ctx));
+  while (contexts.trace.size() > contexts.max_ids) {
+    contexts.trace.pop_front();
+  }
+  return id;
+}
+
+// The calling thread's context id for the library, for the duration of one call.
+struct ContextScope {
+  explicit ContextScope(uint64_t id) : set_(id != 0) {
+    if (set_) {
+      lib.set_context(id);
+    }
+  }
+  ~ContextScope() {
+    if (set_) {
+      lib.set_context(0);
+    }
+  }
+  ContextScope(const ContextScope&) = delete;
+  ContextScope& operator=(const ContextScope&) = delete;
+
+ private:
+  bool set_;
+};
+
+// ---- the allocation and the free every path takes ----
+
+inline void* alloc_plain(size_t size, int device, cudaStream_t stream) {
   void* p = lib.alloc(size, device, stream);
   if (p == nullptr && size > 0) {
+    if (observer_error) { // an OOM observer threw: its exception, as PyTorch does
+      std::exception_ptr e = std::move(observer_error);
+      observer_error = nullptr;
+      std::rethrow_exception(e);
+    }
     int code = 0;
     std::string msg = last_error(&code);
     if (code == STREAMALLOC_OUT_OF_MEMORY) {
@@ -132,15 +228,77 @@ inline void* shim_alloc(size_t size, int device, cudaStream_t stream) {
   return p;
 }
 
+// History with frames: gathers them as RecordContext asks (STATE: for the live block,
+// ALLOC and ALL: also for the trace entries this call records).
+C10_NOINLINE inline void* alloc_with_frames(size_t size, int device, cudaStream_t stream) {
+  auto when = static_cast<cca::RecordContext>(context_when.load(std::memory_order_relaxed));
+  auto fn = recorder.load(std::memory_order_relaxed);
+  std::shared_ptr<c10::GatheredContext> ctx;
+  uint64_t id = 0;
+  if (fn != nullptr && when >= cca::RecordContext::STATE) {
+    ctx = fn();
+    if (ctx != nullptr && when >= cca::RecordContext::ALLOC) {
+      id = file_context(ctx);
+    }
+  }
+  void* p = nullptr;
+  {
+    ContextScope scope(id);
+    p = alloc_plain(size, device, stream);
+  }
+  if (p != nullptr && ctx != nullptr) {
+    std::lock_guard<std::mutex> g(contexts.m);
+    contexts.live[p] = std::move(ctx);
+  }
+  return p;
+}
+
+inline void* shim_alloc(size_t size, int device, cudaStream_t stream) {
+  if (C10_UNLIKELY(frames_wanted())) {
+    return alloc_with_frames(size, device, stream);
+  }
+  return alloc_plain(size, device, stream);
+}
+
+// Frames of the free (RecordContext ALL) for its entries; the block's frames dropped.
+// Never throws: frames are best effort in a deleter.
+C10_NOINLINE inline void free_with_frames(void* ptr, size_t size, int device,
+                                          cudaStream_t stream) {
+  uint64_t id = 0;
+  try {
+    auto when = static_cast<cca::RecordContext>(context_when.load(std::memory_order_relaxed));
+    auto fn = recorder.load(std::memory_order_relaxed);
+    std::shared_ptr<c10::GatheredContext> ctx;
+    if (fn != nullptr && when == cca::RecordContext::ALL) {
+      ctx = fn();
+    }
+    {
+      std::lock_guard<std::mutex> g(contexts.m);
+      contexts.live.erase(ptr);
+    }
+    if (ctx != nullptr) {
+      id = file_context(std::move(ctx));
+    }
+  } catch (...) {
+    id = 0;
+  }
+  ContextScope scope(id);
+  lib.free(ptr, size, device, stream);
+}
+
 inline void shim_free(void* ptr, size_t size, int device, cudaStream_t stream) {
   // Called from tensor deleters: never throws. An error stays in the library's
   // thread-local last error (streamalloc_torch.last_error()) and is warned about.
+  if (C10_UNLIKELY(frames_wanted())) {
+    free_with_frames(ptr, size, device, stream);
+    return;
+  }
   lib.free(ptr, size, device, stream);
 }
 
 // The DataPtr deleter of the direct path: the library keeps each block's records.
 inline void delete_direct(void* ptr) {
-  lib.free(ptr, 0, -1, nullptr);
+  shim_free(ptr, 0, -1, nullptr);
 }
 
 // Library warnings -> TORCH_WARN (a Python UserWarning under Python). The library
@@ -158,6 +316,39 @@ inline void set_stat(c10::CachingAllocator::Stat& s, uint64_t current, uint64_t 
   s.peak = static_cast<int64_t>(peak);
   s.allocated = static_cast<int64_t>(allocated);
   s.freed = static_cast<int64_t>(freed);
+}
+
+// ---- history, OOM observers, snapshot: PyTorch's OOM observers ----
+
+struct Observers {
+  std::mutex m;
+  std::vector<cca::OutOfMemoryObserver> list;
+  bool registered = false;
+};
+// Never destroyed: observers may hold Python callables (as PyTorch's allocator does).
+inline Observers& observers = *new Observers;
+
+// Called by the library on the allocating thread, with no allocator lock held, before
+// the allocation returns NULL. Must not unwind into the library: the first exception
+// is kept for alloc_plain to rethrow.
+inline void oom_trampoline(int device, size_t requested, size_t total, size_t free_bytes,
+                           void*) {
+  std::vector<cca::OutOfMemoryObserver> local;
+  try {
+    std::lock_guard<std::mutex> g(observers.m);
+    local = observers.list;
+  } catch (...) {
+    return;
+  }
+  for (const auto& obs : local) {
+    try {
+      obs(device, requested, total, free_bytes);
+    } catch (...) {
+      if (!observer_error) {
+        observer_error = std::current_exception();
+      }
+    }
+  }
 }
 
 // The pluggable allocator with the overrides listed at the top of this file.
@@ -271,6 +462,150 @@ struct StreamallocAllocator
     return cudaMemcpyPeerAsync(dst, dstDevice, src, srcDevice, count, stream);
   }
 
+  // ---- history, OOM observers, snapshot ----
+
+  bool isHistoryEnabled() override {
+    return lib.history_enabled() != 0;
+  }
+
+  void recordHistory(bool enabled, cca::CreateContextFn context_recorder,
+                     size_t alloc_trace_max_entries, cca::RecordContext when,
+                     bool clearHistory, const std::vector<std::string>& skip_actions) override {
+    TORCH_CHECK(!enabled || when == cca::RecordContext::NEVER || context_recorder != nullptr,
+                "streamalloc: recordHistory needs a context recorder to record contexts");
+    uint32_t skip = 0;
+    for (const auto& name : skip_actions) {
+      skip |= 1u << static_cast<unsigned>(c10::CachingDeviceAllocator::parseTraceEntryAction(name));
+    }
+    size_t max_entries = alloc_trace_max_entries == 0 ? 1 : alloc_trace_max_entries;
+    {
+      std::lock_guard<std::mutex> g(contexts.m);
+      context_when.store(static_cast<int>(enabled ? when : cca::RecordContext::NEVER),
+                         std::memory_order_relaxed);
+      recorder.store(enabled ? context_recorder : nullptr, std::memory_order_relaxed);
+      contexts.max_ids = std::min<size_t>(max_entries, size_t(1) << 22);
+      if (!enabled || clearHistory) {
+        contexts.trace.clear();
+      }
+      if (!enabled) {
+        contexts.live.clear();
+      }
+      while (contexts.trace.size() > contexts.max_ids) {
+        contexts.trace.pop_front();
+      }
+    }
+    check_status(lib.record_history(enabled ? 1 : 0, max_entries, clearHistory ? 1 : 0, skip),
+                 "record_history");
+  }
+
+  cca::SnapshotInfo snapshot(c10::cuda::MempoolId_t mempool_id, bool include_traces) override {
+    using c10::CachingDeviceAllocator::BlockInfo;
+    using c10::CachingDeviceAllocator::SegmentInfo;
+    using c10::CachingDeviceAllocator::TraceEntry;
+    cca::SnapshotInfo info;
+    info.config_metadata.garbage_collection_threshold = 0;
+    info.config_metadata.max_split_size = 0;
+    info.config_metadata.pinned_num_register_threads = 0;
+    info.config_metadata.expandable_segments = false;
+    info.config_metadata.release_lock_on_malloc = false;
+    info.config_metadata.pinned_use_host_register = false;
+    info.config_metadata.graph_capture_record_stream_reuse = false;
+    info.config_metadata.last_allocator_settings = "streamalloc";
+    // streamalloc has no private pools: every block is in the default pool {0, 0}.
+    bool default_pool = mempool_id.first == 0 && mempool_id.second == 0;
+    int devices = std::max(c10::cuda::device_count(), static_cast<c10::DeviceIndex>(1));
+
+    std::vector<streamalloc_block> blocks;
+    if (default_pool) {
+      blocks.resize(lib.snapshot_blocks(nullptr, 0) + 256);
+      size_t n = lib.snapshot_blocks(blocks.data(), blocks.size());
+      if (n > blocks.size()) { // more arrived meanwhile: once more, larger
+        blocks.resize(n + 4096);
+        n = lib.snapshot_blocks(blocks.data(), blocks.size());
+      }
+      blocks.resize(std::min(n, blocks.size()));
+    }
+    std::unordered_map<void*, std::shared_ptr<c10::GatheredContext>> live;
+    if (!blocks.empty()) {
+      std::lock_guard<std::mutex> g(contexts.m);
+      live = contexts.live;
+    }
+    for (const auto& b : blocks) {
+      SegmentInfo seg;
+      seg.device = static_cast<c10::DeviceIndex>(b.device);
+      seg.address = b.ptr;
+      seg.total_size = b.size;
+      seg.requested_size = b.requested;
+      seg.allocated_size = b.state == 0 ? b.size : 0;
+      seg.active_size = b.state != 2 ? b.size : 0;
+      seg.stream = reinterpret_cast<void*>(b.stream);
+      seg.is_large = b.size > (size_t(1) << 20); // PyTorch's small pool: <= 1 MiB
+      seg.is_expandable = false;
+      BlockInfo blk;
+      blk.size = b.size;
+      blk.requested_size = b.requested;
+      blk.allocated = b.state == 0;
+      blk.active = b.state != 2;
+      auto it = live.find(reinterpret_cast<void*>(b.ptr));
+      if (b.state != 2 && it != live.end()) {
+        blk.context_when_allocated = it->second;
+      }
+      seg.blocks.push_back(std::move(blk));
+      info.segments.push_back(std::move(seg));
+      devices = std::max(devices, b.device + 1);
+    }
+    if (!include_traces || !default_pool) {
+      info.device_traces.resize(devices);
+      return info;
+    }
+    std::vector<streamalloc_history_entry> entries(lib.history(nullptr, 0) + 1024);
+    size_t n = lib.history(entries.data(), entries.size());
+    entries.resize(std::min(n, entries.size()));
+    std::unordered_map<uint64_t, std::shared_ptr<c10::GatheredContext>> ctx;
+    {
+      std::lock_guard<std::mutex> g(contexts.m);
+      for (const auto& [id, c] : contexts.trace) {
+        ctx.emplace(id, c);
+      }
+    }
+    for (const auto& e : entries) {
+      devices = std::max(devices, e.device + 1);
+    }
+    info.device_traces.resize(devices);
+    for (const auto& e : entries) {
+      if (e.device < 0) {
+        continue;
+      }
+      std::shared_ptr<c10::GatheredContext> c;
+      if (e.context != 0) {
+        auto it = ctx.find(e.context);
+        if (it != ctx.end()) {
+          c = it->second;
+        }
+      }
+      TraceEntry te(static_cast<TraceEntry::Action>(e.action),
+                    static_cast<c10::DeviceIndex>(e.device), e.addr, e.size,
+                    reinterpret_cast<void*>(e.stream), c10::cuda::MempoolId_t{0, 0}, 0,
+                    std::move(c));
+      te.time_.t_ = static_cast<c10::time_t>(e.time_ns / 1000); // microseconds
+      info.device_traces[e.device].push_back(std::move(te));
+    }
+    return info;
+  }
+
+  void attachOutOfMemoryObserver(cca::OutOfMemoryObserver observer) override {
+    std::lock_guard<std::mutex> g(observers.m);
+    observers.list.push_back(std::move(observer));
+    if (!observers.registered) {
+      if (lib.attach_oom_observer(&oom_trampoline, nullptr) != 0) {
+        observers.list.pop_back();
+        check("attach_oom_observer");
+        TORCH_CHECK(false, "streamalloc: attach_oom_observer failed");
+      }
+      observers.registered = true;
+    }
+  }
+
  private:
   bool direct_;
 };
@@ -309,6 +644,13 @@ inline void open_library(const std::string& lib_path) {
   l.cache_info_on = sym<decltype(l.cache_info_on)>(h, "streamalloc_cache_info_on");
   l.set_warning_handler =
       sym<decltype(l.set_warning_handler)>(h, "streamalloc_set_warning_handler");
+  l.record_history = sym<decltype(l.record_history)>(h, "streamalloc_record_history");
+  l.history_enabled = sym<decltype(l.history_enabled)>(h, "streamalloc_history_enabled");
+  l.set_context = sym<decltype(l.set_context)>(h, "streamalloc_history_set_context");
+  l.history = sym<decltype(l.history)>(h, "streamalloc_history");
+  l.snapshot_blocks = sym<decltype(l.snapshot_blocks)>(h, "streamalloc_snapshot_blocks");
+  l.attach_oom_observer =
+      sym<decltype(l.attach_oom_observer)>(h, "streamalloc_attach_oom_observer");
   lib = l;
 }
 
@@ -374,6 +716,66 @@ inline bool is_installed() {
 } // namespace streamalloc_shim
 
 #ifndef STREAMALLOC_SHIM_NO_PYTHON
+namespace streamalloc_shim::testing {
+
+// Entry points for tests without a GPU (src/capi/python/shim_smoke_sim.py, on the
+// library's simulated device). PyTorch's own bindings for recordHistory and OOM
+// observers initialize CUDA first, which needs a driver; these do what those bindings
+// do (torch/csrc/cuda/memory_snapshot.cpp, Module.cpp) without that step, and reach
+// the installed allocator through the same c10 calls. alloc and free are the shim's
+// own paths (the direct path's allocation with an explicit device and stream, and its
+// DataPtr deleter). torch.cuda.memory._snapshot() needs no driver and is used as is.
+
+inline std::shared_ptr<c10::GatheredContext> gather_python() {
+  return torch::CapturedTraceback::gather(true, true, false);
+}
+
+inline std::shared_ptr<c10::GatheredContext> gather_all() {
+  return torch::CapturedTraceback::gather(true, true, true);
+}
+
+// torch.cuda.memory._record_memory_history's arguments, with PyTorch's meanings.
+inline void record_history(std::optional<std::string> enabled,
+                           std::optional<std::string> context, const std::string& stacks,
+                           size_t max_entries, bool clear,
+                           const std::vector<std::string>& skip_actions) {
+  TORCH_CHECK(!enabled || *enabled == "state" || *enabled == "all",
+              "expected enabled to be 'state', 'all', or None");
+  TORCH_CHECK(!context || *context == "state" || *context == "alloc" || *context == "all",
+              "expected context to be 'state', 'alloc', 'all', or None");
+  TORCH_CHECK(stacks == "python" || stacks == "all", "expected stacks to be 'python' or 'all'");
+  cca::CreateContextFn fn = stacks == "all" ? gather_all : gather_python;
+  auto when = cca::RecordContext::NEVER;
+  if (context) {
+    when = *context == "all"     ? cca::RecordContext::ALL
+           : *context == "alloc" ? cca::RecordContext::ALLOC
+                                 : cca::RecordContext::STATE;
+  }
+  max_entries = (enabled && *enabled == "all") ? max_entries : 1;
+  cca::recordHistory(enabled.has_value(), fn, max_entries, when, clear, skip_actions);
+}
+
+// Python's observer(device, requested, total, free), as torch._C's binding wraps it.
+inline void attach_oom_observer(py::function observer) {
+  auto holder = std::make_shared<py::function>(std::move(observer));
+  cca::attachOutOfMemoryObserver(
+      [holder](int64_t device, size_t requested, size_t total, size_t free_bytes) {
+        py::gil_scoped_acquire g;
+        (*holder)(device, requested, total, free_bytes);
+      });
+}
+
+inline uintptr_t alloc(size_t size, int device, uintptr_t stream) {
+  return reinterpret_cast<uintptr_t>(
+      shim_alloc(size, device, reinterpret_cast<cudaStream_t>(stream)));
+}
+
+inline void free_block(uintptr_t ptr) {
+  delete_direct(reinterpret_cast<void*>(ptr));
+}
+
+} // namespace streamalloc_shim::testing
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "streamalloc as PyTorch's CUDA allocator (see streamalloc_torch)";
   m.def("install", &streamalloc_shim::install,
@@ -381,5 +783,20 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "(no base-class bookkeeping) is on",
         py::arg("lib_path"));
   m.def("installed", &streamalloc_shim::is_installed, "Whether install() ran");
+  namespace t = streamalloc_shim::testing;
+  m.def("_test_record_history", &t::record_history,
+        "Tests without a GPU: torch.cuda.memory._record_memory_history's work, without "
+        "initializing CUDA",
+        py::arg("enabled") = "all", py::arg("context") = "all", py::arg("stacks") = "python",
+        py::arg("max_entries") = SIZE_MAX, py::arg("clear_history") = false,
+        py::arg("skip_actions") = std::vector<std::string>{});
+  m.def("_test_attach_oom_observer", &t::attach_oom_observer,
+        "Tests without a GPU: torch._C._cuda_attach_out_of_memory_observer's work, without "
+        "initializing CUDA");
+  m.def("_test_alloc", &t::alloc,
+        "Tests without a GPU: the shim's allocation (frames, OOM errors) with an explicit "
+        "device and stream; returns the address",
+        py::arg("size"), py::arg("device") = 0, py::arg("stream") = 0);
+  m.def("_test_free", &t::free_block, "Tests without a GPU: the direct path's DataPtr deleter");
 }
 #endif

@@ -13,8 +13,10 @@ is found) and makes it PyTorch's allocator. With the shim, PyTorch's memory API 
 as with PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync: torch.cuda.memory_stats() and
 the functions built on it, reset_peak_memory_stats(), cudnn.benchmark (cacheInfo),
 cross-device copies (peer access to the pool), graph capture, record_stream, and an
-allocation failure raises torch.cuda.OutOfMemoryError with the seed's message. The
-library's warnings arrive as Python UserWarnings.
+allocation failure raises torch.cuda.OutOfMemoryError with the seed's message. Beyond the
+seed: torch.cuda.memory._record_memory_history, _snapshot / _dump_snapshot (memory_viz's
+pickle, with frames) and torch._C._cuda_attach_out_of_memory_observer. The library's
+warnings arrive as Python UserWarnings.
 
 Configuration: STREAMALLOC_CONF, e.g. "cache:on,max_cache_mb:2048" (see config() and
 the README); install() checks it first and raises ValueError naming a bad key.
@@ -42,6 +44,7 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 _lib = None
 _lib_path = None
 _mode = None  # "shim" or "plain"
+_shim = None  # the compiled shim module once install() made it PyTorch's allocator
 
 # streamalloc_memory_stats in streamalloc.h (fields only ever added at the end).
 _STAT_FIELDS = (
@@ -185,7 +188,7 @@ def install(lib_path=None, require_shim=True):
     """Makes libstreamalloc PyTorch's CUDA allocator. Call before CUDA is first used.
 
     Returns "shim" or "plain" (the fallback, only when require_shim is False)."""
-    global _mode
+    global _mode, _shim
     if _mode is not None:
         return _mode
     import torch
@@ -204,6 +207,7 @@ def install(lib_path=None, require_shim=True):
         _mode = "plain"
         return _mode
     shim.install(path)
+    _shim = shim
     _mode = "shim"
     return _mode
 

@@ -4,6 +4,7 @@ backend (the seed).
 
     python3 test_torch.py --out DIR                      # everything; exit 1 on a failure
     python3 test_torch.py --out DIR --tests cross_device,ddp   # the 2-GPU rows only
+    python3 test_torch.py --out DIR --tests snapshot,history,oom_observer,compile
 
 Each test runs in its own subprocess (the allocator is process-wide and fixed before
 CUDA is first used): `test_torch.py --worker MODE TEST` with MODE native (PyTorch's
@@ -22,6 +23,18 @@ compared with the seed's where both answer:
                   (and the reverse); 2 GPUs, skipped on one
   ddp             DDP over 2 GPUs, one process each; final weights equal to native's
 Plus: train (bitwise losses against native), record_stream, threads, oom, graph.
+
+PyTorch's memory tools, each run in all three modes (the seed refuses the first four:
+"NOT SUPPORTED" rows, not failures; so does streamalloc for compile, a known gap, see
+DESIGN.md "History, OOM observers, snapshots"):
+  snapshot        _record_memory_history, a short training, _dump_snapshot: the pickle
+                  lists every live tensor (size, state, frames) and memory_viz reads it
+  history         the history entries of a scripted sequence of allocations and frees
+  oom_observer    torch._C._cuda_attach_out_of_memory_observer fired by a real OOM
+  compile         torch.compile(mode="reduce-overhead") (CUDA-graph trees) matches eager
+
+The last line reads "N passed (K skipped), M failed", with "; U not supported (...)"
+when some rows are; exit status 1 when M > 0.
 """
 
 import json
@@ -345,15 +358,147 @@ def t_ddp(torch_unused, mode):
             "rank_output_tail": [o[-1500:] for o in outs] if not ok else []}
 
 
+# ----- PyTorch's memory tools: history, snapshots, OOM observers, torch.compile -----
+
+def _live_blocks(snap):
+    """{address: (requested_size, state, frames)} of every block in a snapshot."""
+    out = {}
+    for seg in snap["segments"]:
+        addr = seg["address"]
+        for b in seg["blocks"]:
+            out[addr] = (b["requested_size"], b["state"], b.get("frames", []))
+            addr += b["size"]
+    return out
+
+
+def t_snapshot(torch, mode):
+    """A short training with history on; the pickle from _dump_snapshot, loaded back and
+    read with torch.cuda._memory_viz, shows the live tensors with their sizes."""
+    import pickle
+    import tempfile
+    import torch.nn as nn
+    from torch.cuda import _memory_viz as viz
+    torch.cuda.memory._record_memory_history(max_entries=100000)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 10)).cuda()
+    opt = torch.optim.Adam(model.parameters())
+    for _ in range(5):
+        x = torch.randn(64, 256, device="cuda")
+        loss = model(x).square().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    keep = [torch.empty(n, dtype=torch.uint8, device="cuda") for n in (12_345, 3 * MiB + 7)]
+    torch.cuda.synchronize()
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "snap.pickle")
+        torch.cuda.memory._dump_snapshot(path)
+        with open(path, "rb") as f:
+            snap = pickle.load(f)
+    torch.cuda.memory._record_memory_history(None)
+    blocks = _live_blocks(snap)
+    tensors = keep + list(model.parameters()) + [
+        v for st in opt.state.values() for v in st.values() if torch.is_tensor(v) and v.is_cuda]
+    missing = []
+    for t in tensors:
+        ptr, nbytes = t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()
+        b = blocks.get(ptr)
+        if b is None or b[0] != nbytes or b[1] != "active_allocated":
+            missing.append((ptr, nbytes, b[:2] if b else None))
+    # memory_viz's own readers: flamegraph lines (identity formatter, no download), the
+    # segment summary, the trace text and the HTML plots.
+    lines = viz.segments(snap, format_flamegraph=lambda text: text)
+    active_lines = [ln for ln in lines.splitlines() if ";active_allocated;" in ln]
+    sizes_in_viz = {int(ln.rsplit(" ", 1)[1]) for ln in active_lines}
+    viz_missing = [n for n in (12_345, 3 * MiB + 7) if n not in sizes_in_viz]
+    framed = any(HERE in "".join(f["filename"] for f in b[2]) for b in blocks.values())
+    viz.segsum(snap)
+    trace_text = viz.trace(snap)
+    viz.trace_plot(snap)
+    viz.segment_plot(snap)
+    actions = {e["action"] for e in snap["device_traces"][0]}
+    ok = (not missing and not viz_missing and framed
+          and {"alloc", "free_requested", "free_completed"} <= actions and len(trace_text) > 0)
+    return {"ok": ok, "missing": missing[:5], "viz_missing": viz_missing, "frames": framed,
+            "actions": sorted(actions), "segments": len(snap["segments"]),
+            "trace_entries": len(snap["device_traces"][0])}
+
+
+def t_history(torch, mode):
+    """History entries match a scripted sequence of allocations and frees."""
+    torch.cuda.synchronize()
+    torch.cuda.memory._record_memory_history(max_entries=1000, clear_history=True)
+    a = torch.empty(MiB, dtype=torch.uint8, device="cuda")
+    b = torch.empty(3 * MiB, dtype=torch.uint8, device="cuda")
+    pa, pb = a.data_ptr(), b.data_ptr()
+    del a
+    c = torch.empty(MiB, dtype=torch.uint8, device="cuda")
+    pc = c.data_ptr()
+    del b, c
+    trace = torch.cuda.memory._snapshot()["device_traces"][torch.cuda.current_device()]
+    torch.cuda.memory._record_memory_history(None)
+    ptrs = {pa, pb, pc}
+    got = [(e["action"], e["addr"], e["size"]) for e in trace
+           if e["action"] in ("alloc", "free_requested", "free_completed") and e["addr"] in ptrs]
+    want = [("alloc", pa, MiB), ("alloc", pb, 3 * MiB),
+            ("free_requested", pa, MiB), ("free_completed", pa, MiB),
+            ("alloc", pc, MiB),
+            ("free_requested", pb, 3 * MiB), ("free_completed", pb, 3 * MiB),
+            ("free_requested", pc, MiB), ("free_completed", pc, MiB)]
+    framed = all(e.get("frames") for e in trace if e["action"] == "alloc" and e["addr"] in ptrs)
+    return {"ok": got == want and framed, "got": got, "want": want, "frames": framed}
+
+
+def t_oom_observer(torch, mode):
+    """An observer attached with torch's own API is fired by a real OOM."""
+    seen = []
+    torch._C._cuda_attach_out_of_memory_observer(
+        lambda device, alloc, total, free: seen.append((device, alloc, total, free)))
+    total = torch.cuda.get_device_properties(0).total_memory
+    want = 2 * total
+    raised = False
+    try:
+        torch.empty(want, dtype=torch.uint8, device="cuda")
+    except torch.cuda.OutOfMemoryError:
+        raised = True
+    ok = (raised and len(seen) == 1 and seen[0][0] == 0 and seen[0][1] >= want
+          and seen[0][2] == total and 0 < seen[0][3] <= total)
+    return {"ok": ok, "raised": raised, "seen": seen, "device_total": total}
+
+
+def t_compile(torch, mode):
+    """torch.compile(mode="reduce-overhead") (CUDA-graph trees) matches eager."""
+    import torch.nn as nn
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(128, 256), nn.GELU(), nn.Linear(256, 64)).cuda().eval()
+    compiled = torch.compile(model, mode="reduce-overhead")
+    worst = 0.0
+    with torch.no_grad():
+        for _ in range(6):
+            x = torch.randn(32, 128, device="cuda")
+            want = model(x)
+            got = compiled(x).clone()
+            worst = max(worst, float((got - want).abs().max()))
+    return {"ok": worst <= 1e-4, "max_abs_diff": worst}
+
+
 TESTS = {"train": t_train, "record_stream": t_record_stream, "threads": t_threads,
          "oom": t_oom, "graph": t_graph, "memory_stats": t_memory_stats,
          "memory_api": t_memory_api, "cudnn_benchmark": t_cudnn_benchmark,
-         "cross_device": t_cross_device, "ddp": t_ddp}
+         "cross_device": t_cross_device, "ddp": t_ddp, "snapshot": t_snapshot,
+         "history": t_history, "oom_observer": t_oom_observer, "compile": t_compile}
 # The issue's table: every mode runs these.
 TABLE = ("memory_stats", "memory_api", "cudnn_benchmark", "cross_device", "ddp")
 # streamalloc's own (the seed's behaviours through the shim).
 OWN = ("record_stream", "threads", "oom", "graph")
+# PyTorch's memory tools: every mode runs these.
+FEATURES = ("snapshot", "history", "oom_observer", "compile")
 MODES = ("native", "cma", "streamalloc")
+# Known refusals, reported as NOT SUPPORTED rather than failures when the allocator says
+# so with PyTorch's words: the seed (cudaMallocAsync) has none of the memory tools, and
+# streamalloc has no private pools for CUDA-graph trees (DESIGN.md).
+KNOWN_GAPS = {("cma", t) for t in FEATURES} | {("streamalloc", "compile")}
+REFUSALS = ("does not yet support", "is not meaningful")
 
 
 def worker(mode, test):
@@ -362,7 +507,11 @@ def worker(mode, test):
         res = TESTS[test](torch, mode)
     except Exception as e:  # noqa: BLE001
         import traceback
-        res = {"ok": False, "error": repr(e), "trace": traceback.format_exc()[-2000:]}
+        msg = f"{type(e).__name__}: {e}"
+        if (mode, test) in KNOWN_GAPS and any(r in msg for r in REFUSALS):
+            res = {"ok": False, "not_supported": msg[:400]}
+        else:
+            res = {"ok": False, "error": repr(e), "trace": traceback.format_exc()[-2000:]}
     if mode == "streamalloc" and test != "ddp":
         import streamalloc_torch
         res["last_error"] = streamalloc_torch.last_error()
@@ -398,14 +547,20 @@ def run(mode, test, log, out_dir, timeout=600):
     return res
 
 
+NOT_SUPPORTED = "NOT SUPPORTED"
+
+
 def detail(r):
     if r.get("skipped"):
         return "SKIPPED: " + r["skipped"]
+    if r.get("not_supported"):
+        return f"{NOT_SUPPORTED}: {r['not_supported'][:90]}"
     if r.get("error"):
         return r["error"][:100]
     keys = ("bad_elements", "raised", "missing", "continues", "errors", "n_keys",
             "allocated_delta", "ooms_counted", "after_free", "peak", "peak_after_reset",
-            "max_abs_diff_vs_no_benchmark", "rank_rcs")
+            "max_abs_diff_vs_no_benchmark", "rank_rcs", "viz_missing", "frames", "segments",
+            "trace_entries", "got", "seen", "max_abs_diff")
     return ", ".join(f"{k}={r[k]}" for k in keys if k in r)[:110]
 
 
@@ -495,6 +650,11 @@ def main():
                 for mode in MODES:
                     results[f"{test}/{mode}"] = r = run(mode, test, log, out_dir)
                     rows.append((f"{test} {mode}", r.get("ok"), detail(r)))
+        for test in FEATURES:
+            if want(test):
+                for mode in MODES:
+                    results[f"{test}/{mode}"] = r = run(mode, test, log, out_dir)
+                    rows.append((f"{test} {mode}", r.get("ok"), detail(r)))
         compare(results, rows)
         for test in OWN:
             if want(test):
@@ -504,11 +664,17 @@ def main():
         r.pop("losses", None)
     with open(os.path.join(out_dir, "torch_tests.json"), "w") as f:
         json.dump(results, f, indent=1, default=str)
-    failed = [name for name, ok, _ in rows if not ok]
+    unsupported = [name for name, _, d in rows if d.startswith(NOT_SUPPORTED)]
+    failed = [name for name, ok, d in rows if not ok and not d.startswith(NOT_SUPPORTED)]
     skipped = sum(1 for _, _, d in rows if d.startswith("SKIPPED"))
+    word = lambda ok, d: "N/S" if d.startswith(NOT_SUPPORTED) else "PASS" if ok else "FAIL"  # noqa: E731
     table = [f"\n{'test':42} {'result':6} detail"]
-    table += [f"{name:42} {'PASS' if ok else 'FAIL':6} {d}" for name, ok, d in rows]
-    table.append(f"\n{len(rows) - len(failed)} passed ({skipped} skipped), {len(failed)} failed")
+    table += [f"{name:42} {word(ok, d):6} {d}" for name, ok, d in rows]
+    passed = len(rows) - len(failed) - len(unsupported)
+    summary = f"{passed} passed ({skipped} skipped), {len(failed)} failed"
+    if unsupported:
+        summary += f"; {len(unsupported)} not supported ({', '.join(unsupported)})"
+    table.append("\n" + summary)
     print("\n".join(table))
     with open(os.path.join(out_dir, "torch_tests.log"), "a") as log:
         log.write("\n".join(table) + "\n")
