@@ -434,6 +434,18 @@ impl FrontCache {
         true
     }
 
+    /// The cache of (device, stream) from the map (made when `create`). Out of line: the
+    /// memo serves the hot path, and a new stream cache is a large value.
+    #[inline(never)]
+    fn lookup(&self, device: Device, stream: Stream, create: bool) -> Option<Arc<StreamCache>> {
+        if create {
+            let entry = self.caches.entry((device, stream));
+            Some(entry.or_insert_with(|| Arc::new(StreamCache::new(stream))).clone())
+        } else {
+            self.caches.get(&(device, stream)).map(|c| c.clone())
+        }
+    }
+
     /// Runs `f` on the cache of (device, stream), found through this thread's memo (on a
     /// memo hit no shared line is touched). Without `create`, a stream with no cache
     /// gives `None`. `f` returns `Err` when it finds the cache retired: the memo entry
@@ -457,12 +469,7 @@ impl FrontCache {
         let result = match hit {
             Ok(Some(r)) => r,
             _ => {
-                let cache = if create {
-                    let entry = self.caches.entry((device, stream));
-                    entry.or_insert_with(|| Arc::new(StreamCache::new(stream))).clone()
-                } else {
-                    self.caches.get(&(device, stream))?.clone()
-                };
+                let cache = self.lookup(device, stream, create)?;
                 let r = (f.take().expect("runs once"))(&cache);
                 if r.is_ok() {
                     let _ = MEMO.try_with(|memo| {

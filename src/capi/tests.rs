@@ -7,7 +7,28 @@ use std::ffi::CStr;
 
 const GIB: u64 = 1 << 30;
 
-fn setup() -> &'static Arc<SimDriver> {
+/// The global allocator's simulated device, with this test's turn: the tests share the
+/// process-wide allocator (and its statistics and last-error slots), so they run one at a
+/// time.
+struct Setup {
+    sim: &'static Arc<SimDriver>,
+    _turn: std::sync::MutexGuard<'static, ()>,
+}
+
+impl std::ops::Deref for Setup {
+    type Target = Arc<SimDriver>;
+    fn deref(&self) -> &Arc<SimDriver> {
+        self.sim
+    }
+}
+
+fn setup() -> Setup {
+    static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let turn = TURN.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    Setup { sim: sim(), _turn: turn }
+}
+
+fn sim() -> &'static Arc<SimDriver> {
     static SIM: OnceLock<Arc<SimDriver>> = OnceLock::new();
     SIM.get_or_init(|| {
         let sim = Arc::new(SimDriver::with_devices(2, GIB));
@@ -49,7 +70,7 @@ fn alloc_free_round_trip() {
 
 #[test]
 fn backend_is_sim() {
-    setup();
+    let _turn = setup();
     // Safety: the returned pointer is a static NUL-terminated string.
     let name = unsafe { CStr::from_ptr(streamalloc_backend()) };
     assert_eq!(name, c"sim");
@@ -57,7 +78,7 @@ fn backend_is_sim() {
 
 #[test]
 fn bad_device_is_an_error_not_a_crash() {
-    setup();
+    let _turn = setup();
     for bad in [-1, 2, c_int::MIN, c_int::MAX] {
         let p = streamalloc_alloc(64, bad, std::ptr::null_mut());
         assert!(p.is_null());
@@ -77,7 +98,7 @@ fn bad_device_is_an_error_not_a_crash() {
 
 #[test]
 fn unknown_pointer_and_double_free_record_errors() {
-    setup();
+    let _turn = setup();
     streamalloc_free(0xdead_0000 as *mut c_void, 16, 0, std::ptr::null_mut());
     let (code, msg) = last_error();
     assert_eq!(code, ErrorCode::InvalidArgument as c_int);
@@ -103,7 +124,7 @@ fn unknown_pointer_and_double_free_record_errors() {
 
 #[test]
 fn zero_size_is_null_without_error() {
-    setup();
+    let _turn = setup();
     let p = streamalloc_alloc(0, 0, std::ptr::null_mut());
     assert!(p.is_null());
     assert_eq!(last_error(), (0, String::new()));
@@ -111,7 +132,7 @@ fn zero_size_is_null_without_error() {
 
 #[test]
 fn oom_sets_code_1_with_the_seed_message() {
-    setup();
+    let _turn = setup();
     let p = streamalloc_alloc(2 * GIB as usize, 0, std::ptr::null_mut());
     assert!(p.is_null());
     let (code, msg) = last_error();
@@ -138,7 +159,7 @@ fn oom_sets_code_1_with_the_seed_message() {
 
 #[test]
 fn bad_memory_fraction_is_an_error() {
-    setup();
+    let _turn = setup();
     for f in [-0.5, 1.5, f64::NAN] {
         streamalloc_set_memory_fraction(f, 1);
         assert_eq!(streamalloc_last_error_code(), ErrorCode::InvalidArgument as c_int);
@@ -149,7 +170,7 @@ fn bad_memory_fraction_is_an_error() {
 
 #[test]
 fn stats_are_filled() {
-    setup();
+    let _turn = setup();
     let p = streamalloc_alloc(3 << 20, 1, std::ptr::null_mut());
     assert!(!p.is_null());
     let mut s = StreamallocStats::default();
@@ -165,7 +186,7 @@ fn stats_are_filled() {
 
 #[test]
 fn null_out_pointer_and_panics_never_cross() {
-    setup();
+    let _turn = setup();
     // Safety: a null out pointer must be reported, not written.
     let code = unsafe { streamalloc_device_stats(0, std::ptr::null_mut()) };
     assert_eq!(code, ErrorCode::InvalidArgument as c_int);
@@ -181,7 +202,7 @@ fn null_out_pointer_and_panics_never_cross() {
 
 #[test]
 fn last_error_truncates_to_the_buffer() {
-    setup();
+    let _turn = setup();
     streamalloc_free(0xdead_0000 as *mut c_void, 16, 0, std::ptr::null_mut());
     let mut buf = [0x7f as c_char; 8];
     // Safety: buf holds 8 bytes.
@@ -193,7 +214,7 @@ fn last_error_truncates_to_the_buffer() {
 
 #[test]
 fn capture_misuse_and_capture_round_trip() {
-    setup();
+    let _turn = setup();
     // Ending with no capture underway is misuse (another test could be mid-capture only
     // here, and this is the only capture test).
     assert_eq!(streamalloc_end_capture(0, std::ptr::null_mut()), ErrorCode::Capture as c_int);
@@ -258,7 +279,7 @@ fn oom_observer_through_the_c_abi() {
     unsafe extern "C" fn observer(d: c_int, req: usize, total: usize, free: usize, u: *mut c_void) {
         SEEN.lock().unwrap().push((d, req, total, free, u as usize));
     }
-    setup();
+    let _turn = setup();
     assert_eq!(streamalloc_attach_oom_observer(None, std::ptr::null_mut()), 2);
     let r = streamalloc_attach_oom_observer(Some(observer), 0x5eed as *mut c_void);
     assert_eq!(r, 0, "{:?}", last_error());
@@ -361,7 +382,7 @@ fn failures_in_a_pthread_key_destructor_are_reported() {
         seen.push(("code after a good call", streamalloc_last_error_code()));
         SEEN.lock().unwrap().extend(seen);
     }
-    setup();
+    let _turn = setup();
     std::thread::spawn(|| {
         let mut key: c_uint = 0;
         // Safety: key is a valid out-pointer; the destructor has the C signature.
@@ -389,7 +410,7 @@ fn failures_in_a_pthread_key_destructor_are_reported() {
 
 #[test]
 fn absurd_device_counts_are_refused() {
-    setup();
+    let _turn = setup();
     for bad in [c_int::MAX, MAX_DEVICES as c_int + 1, -1] {
         streamalloc_init(bad);
         let (code, msg) = last_error();
@@ -415,7 +436,7 @@ fn memory_stats(device: c_int) -> StreamallocMemoryStats {
 fn memory_stats_count_exactly() {
     // Device 0 only here: other tests use it too, so compare differences of what this
     // test alone can change on the sim (its own blocks are large and distinct).
-    setup();
+    let _turn = setup();
     let before = memory_stats(0);
     let a = streamalloc_alloc(3 << 20, 0, std::ptr::null_mut());
     let b = streamalloc_alloc(5 << 20, 0, std::ptr::null_mut());
@@ -455,7 +476,7 @@ fn memory_stats_count_exactly() {
 #[test]
 fn peaks_and_accumulated_stats_reset() {
     // Device 1 with blocks only this test holds at the time it reads its peak.
-    setup();
+    let _turn = setup();
     let big = streamalloc_alloc(64 << 20, 1, std::ptr::null_mut());
     assert!(!big.is_null());
     let with = memory_stats(1);
@@ -507,7 +528,7 @@ fn cache_info_on_a_stream() {
 
 #[test]
 fn config_is_checked_and_reported() {
-    setup();
+    let _turn = setup();
     // Safety: NUL-terminated strings.
     unsafe {
         assert_eq!(streamalloc_parse_config(c"cache:off,max_cache_mb:16".as_ptr()), 0);
@@ -533,7 +554,7 @@ fn warnings_reach_the_registered_handler() {
         let m = unsafe { CStr::from_ptr(message) }.to_string_lossy().into_owned();
         GOT.lock().unwrap().push((level, m, user as usize));
     }
-    setup();
+    let _turn = setup();
     assert_eq!(streamalloc_set_warning_handler(Some(handler), 0x5eed as *mut c_void), 0);
     streamalloc_free(0xfeed_0000 as *mut c_void, 16, 0, std::ptr::null_mut());
     assert_eq!(streamalloc_set_warning_handler(None, std::ptr::null_mut()), 0);
