@@ -1219,8 +1219,17 @@ impl Driver for CudaDriver {
         let s = cu_stream(if peer { "cuMemcpyPeerAsync" } else { "cuMemcpyAsync" }, stream.stream)?;
         if count != 0 {
             let _g = self.bind(stream.device)?;
-            self.check_device_memory("cuMemcpyAsync", dst, count)?;
-            self.check_device_memory("cuMemcpyAsync", src, count)?;
+            let checked = self
+                .check_device_memory("cuMemcpyAsync", dst, count)
+                .and_then(|_| self.check_device_memory("cuMemcpyAsync", src, count));
+            // Memory allocated inside a capture is the graph's: the driver does not know
+            // it as device memory until the graph runs, so a capturing stream's copy is
+            // left to the driver's own checks (it records the copy, it does not run it).
+            if let Err(e) = checked
+                && self.capture_status(stream)? != CaptureStatus::Active
+            {
+                return Err(e);
+            }
         }
         if peer {
             let dst_ctx = self.primary_context(dst_device)?;
