@@ -254,7 +254,7 @@ def t_memory_api(torch, mode):
     slack = 2 * MiB  # the pool may round a block up
     ok = (48 * MiB <= both <= 48 * MiB + 2 * slack and 16 * MiB <= after <= 16 * MiB + slack
           and peak >= both and reserved >= torch.cuda.memory_allocated()
-          and after <= peak_reset <= after + slack and end <= slack and "Memory" in summary)
+          and after <= peak_reset <= after + slack and end <= slack and "memory" in summary.lower())
     return {"ok": ok, "both": both, "after_free": after, "peak": peak, "reserved": reserved,
             "peak_after_reset": peak_reset, "end": end}
 
