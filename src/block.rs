@@ -78,6 +78,7 @@ impl Record {
         alloc_size: u64,
         stream: Stream,
         captured: bool,
+        cacheable: bool,
     ) -> Self {
         Record {
             ptr: ptr.as_raw(),
@@ -86,7 +87,7 @@ impl Record {
             creation_stream: stream,
             alloc_size,
             class: match crate::cache::class_of(alloc_size) {
-                Some((c, cs)) if cs == alloc_size => c as u8,
+                Some((c, cs)) if cacheable && cs == alloc_size => c as u8,
                 _ => NO_CLASS,
             },
             size: AtomicU64::new(size),

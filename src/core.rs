@@ -24,7 +24,7 @@
 use crate::api::{BlockSnapshot, DeviceStats, StreamOrderedAllocator};
 use crate::block::{CACHED, DEFERRED, GONE, LIVE, NO_CLASS, Orphan, Record};
 use crate::budget::Budget;
-use crate::cache::{CacheConfig, FrontCache, Released, class_of};
+use crate::cache::{CacheConfig, FrontCache, Released};
 use crate::driver::Driver;
 use crate::epoch::{EpochGate, Section};
 use crate::error::{Error, OutOfMemory, Result};
@@ -351,7 +351,7 @@ impl<D: Driver> StreamAlloc<D> {
         let Some(cache) = &self.cache else {
             return self.malloc_driver(shard, size, stream, handle, false).map(Some);
         };
-        if self.epoch.capturing() || !self.deferred.is_empty() || class_of(size).is_none() {
+        if self.epoch.capturing() || !self.deferred.is_empty() || !self.cache_config.caches(size) {
             return self.malloc_driver(shard, size, stream, handle, false).map(Some);
         }
         // The cache tier: the bytes first (the limit is exact), then an idle block.
@@ -403,10 +403,8 @@ impl<D: Driver> StreamAlloc<D> {
             return Err(self.oom(device, size));
         }
         let captured = section.capturing();
-        let mut alloc_size = match &self.cache {
-            Some(_) if !captured => FrontCache::alloc_size(size),
-            _ => size,
-        };
+        let cacheable = self.cache.is_some() && !captured && self.cache_config.caches(size);
+        let mut alloc_size = if cacheable { FrontCache::alloc_size(size) } else { size };
         if let Some(cache) = &self.cache
             && !captured
         {
@@ -440,7 +438,7 @@ impl<D: Driver> StreamAlloc<D> {
             }
         };
         self.history.note(Action::SegmentAlloc, device, ptr.as_raw(), alloc_size, stream);
-        let rec = Arc::new(Record::new(ptr, device, size, alloc_size, stream, captured));
+        let rec = Arc::new(Record::new(ptr, device, size, alloc_size, stream, captured, cacheable));
         rec.set_handle(handle);
         if let Some(stale) = self.blocks.insert(ptr.as_raw(), rec.clone()) {
             // The driver handed out an address we hold: its books and ours disagree.

@@ -264,3 +264,20 @@ fn budget_arithmetic_does_not_wrap() {
     live.into_iter().for_each(|p| a.free(p).unwrap());
     assert_eq!(a.used_bytes(0), 0);
 }
+
+#[test]
+fn the_lean_preset_caches_small_requests_only() {
+    let sim = Arc::new(SimDriver::with_devices(1, 1 << 30));
+    let a = StreamAlloc::with_cache(sim.clone(), CacheConfig::lean()).unwrap();
+    let s = sim.new_usage_stream(0).unwrap();
+    // 2 MiB: the exact size from the driver, back to the driver at once.
+    let p = a.malloc(0, 2 * MIB + 4096, s.stream).unwrap();
+    assert_eq!(sim.block_size(p), Some(2 << 20 | 4096));
+    a.free(p).unwrap();
+    assert_eq!(a.device_stats(0).unwrap().cached_current, 0);
+    // 64 KiB: cached.
+    let q = a.malloc(0, 64 << 10, s.stream).unwrap();
+    a.free(q).unwrap();
+    assert_eq!(a.device_stats(0).unwrap().cached_current, 64 << 10);
+    sim.assert_clean();
+}

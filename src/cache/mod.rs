@@ -91,6 +91,9 @@ pub struct CacheConfig {
     /// coalesces) serves the request from them instead of growing. `u32::MAX`: never
     /// (the fast preset); see [`CacheConfig::lean`].
     pub idle_over_live_pct: u32,
+    /// Requests larger than this go to the driver at their exact size and are never
+    /// cached (at most 64 MiB, the largest size class).
+    pub max_cached_size: u64,
 }
 
 impl Default for CacheConfig {
@@ -101,6 +104,7 @@ impl Default for CacheConfig {
             class_reach: 2,
             idle_interval: 1 << 14,
             idle_over_live_pct: u32::MAX,
+            max_cached_size: classes::MAX_CACHED,
         }
     }
 }
@@ -111,11 +115,19 @@ impl CacheConfig {
         CacheConfig { enabled: false, ..CacheConfig::default() }
     }
 
-    /// The memory-lean preset: idle bytes beyond half a stream's live bytes go back to
-    /// the driver on a miss (fewer bytes held, more driver calls; DESIGN.md has the
-    /// measured trade-off). The C ABI's default, for PyTorch.
+    /// The memory-lean preset: only requests up to 1 MiB are cached (larger ones go to
+    /// the driver at their exact size, as in the seed, so the driver's pool alone decides
+    /// what they cost in memory), and idle bytes beyond half a stream's live bytes go
+    /// back to the driver on a miss (DESIGN.md has the measured trade-off). The C ABI's
+    /// default, for PyTorch.
     pub fn lean() -> Self {
-        CacheConfig { idle_over_live_pct: 50, ..CacheConfig::default() }
+        CacheConfig { idle_over_live_pct: 50, max_cached_size: 1 << 20, ..CacheConfig::default() }
+    }
+
+    /// Whether a request of `size` bytes may be served from, and go back to, the cache.
+    #[inline]
+    pub(crate) fn caches(&self, size: u64) -> bool {
+        size <= self.max_cached_size && class_of(size).is_some()
     }
 
     /// The default cache with another per-device byte budget.

@@ -82,6 +82,32 @@ pub const KEYS: &[ConfigKey] = &[
         show: |c| if c.idle_over_live_pct == u32::MAX { "fast" } else { "lean" }.to_string(),
     },
     ConfigKey {
+        name: "max_cached_kb",
+        values: "KiB: larger requests are never cached (at most 65536)",
+        apply: |c, v| {
+            let kb: u64 = v.parse().map_err(|_| "expected a whole number of KiB".to_string())?;
+            if kb > 65536 {
+                return Err(format!("{kb} KiB is more than the largest size class (65536)"));
+            }
+            c.max_cached_size = kb << 10;
+            Ok(())
+        },
+        show: |c| (c.max_cached_size >> 10).to_string(),
+    },
+    ConfigKey {
+        name: "class_reach",
+        values: "size classes a request may reach up (0..8)",
+        apply: |c, v| {
+            let n: usize = v.parse().map_err(|_| "expected a whole number".to_string())?;
+            if n > 8 {
+                return Err(format!("{n} is more than 8 classes"));
+            }
+            c.class_reach = n;
+            Ok(())
+        },
+        show: |c| c.class_reach.to_string(),
+    },
+    ConfigKey {
         name: "idle_interval",
         values: "operations per stream between idle checks (0: off)",
         apply: |c, v| {
@@ -197,7 +223,7 @@ mod tests {
         let c = parse_config(" cache:off , max_cache_mb:64 ").unwrap();
         assert!(!c.enabled);
         assert_eq!(c.max_bytes_per_device, 64 << 20);
-        assert_eq!(format_config(&c), "cache:off,max_cache_mb:64,release:lean,idle_interval:16384");
+        assert_eq!(format_config(&c), "cache:off,max_cache_mb:64,release:lean,max_cached_kb:1024,class_reach:2,idle_interval:16384");
         assert_eq!(parse_config(&format_config(&c)).unwrap(), c);
         for on in ["on", "TRUE", "1", "yes"] {
             assert!(parse_config(&format!("cache:{on}")).unwrap().enabled);

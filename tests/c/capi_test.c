@@ -72,7 +72,7 @@ int main(void) {
   CHECK(streamalloc_parse_config("nope:1") == STREAMALLOC_CONFIG_ERROR);
   CHECK(streamalloc_parse_config(NULL) == STREAMALLOC_INVALID_ARGUMENT);
   CHECK(streamalloc_config(buf, sizeof buf) == STREAMALLOC_OK);
-  CHECK(strcmp(buf, "cache:on,max_cache_mb:64,release:lean,idle_interval:16384") == 0);
+  CHECK(strcmp(buf, "cache:on,max_cache_mb:64,release:lean,max_cached_kb:1024,class_reach:2,idle_interval:16384") == 0);
   CHECK(strcmp(streamalloc_backend(), "sim") == 0);
 
   /* Issue 13 item 7: an absurd device count is refused, not built. */
