@@ -16,6 +16,7 @@ use crate::types::{Device, DevicePtr, Stream, UsageStream};
 /// Device statistics (S11): from the default pool's attributes, plus this allocator's
 /// own byte count.
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct DeviceStats {
     /// Bytes the pool has reserved from the device now (`ReservedMemCurrent`).
     pub reserved_current: u64,

@@ -44,5 +44,8 @@ fn sim_backend_from_environment() {
     assert_eq!(unsafe { streamalloc_config(buf.as_mut_ptr(), buf.len()) }, 0);
     // Safety: NUL-terminated within buf.
     let conf = unsafe { CStr::from_ptr(buf.as_ptr()) }.to_string_lossy();
-    assert_eq!(conf, "cache:off,max_cache_mb:32,release:lean,max_cached_kb:1024,class_reach:2,idle_interval:16384");
+    assert_eq!(
+        conf,
+        "cache:off,max_cache_mb:32,release:lean,max_cached_kb:1024,class_reach:2,idle_interval:16384"
+    );
 }

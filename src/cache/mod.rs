@@ -70,8 +70,11 @@ const NEVER_SWEPT: u64 = u64::MAX;
 /// this much since the last publish, so the shared total is touched rarely.
 pub(crate) const PUBLISH_STEP: u64 = 16 << 20;
 
-/// Cache settings of a [`crate::StreamAlloc`].
+/// Cache settings of a [`crate::StreamAlloc`]: start from [`CacheConfig::default`],
+/// [`CacheConfig::lean`] or [`CacheConfig::passthrough`] and adjust fields or use the
+/// `with_*` methods (more settings may come).
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct CacheConfig {
     /// Whether the front cache is on (`false`: every malloc and free goes to the
     /// driver, as in the seed).

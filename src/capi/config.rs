@@ -223,7 +223,10 @@ mod tests {
         let c = parse_config(" cache:off , max_cache_mb:64 ").unwrap();
         assert!(!c.enabled);
         assert_eq!(c.max_bytes_per_device, 64 << 20);
-        assert_eq!(format_config(&c), "cache:off,max_cache_mb:64,release:lean,max_cached_kb:1024,class_reach:2,idle_interval:16384");
+        assert_eq!(
+            format_config(&c),
+            "cache:off,max_cache_mb:64,release:lean,max_cached_kb:1024,class_reach:2,idle_interval:16384"
+        );
         assert_eq!(parse_config(&format_config(&c)).unwrap(), c);
         for on in ["on", "TRUE", "1", "yes"] {
             assert!(parse_config(&format!("cache:{on}")).unwrap().enabled);

@@ -543,7 +543,10 @@ fn config_is_checked_and_reported() {
     assert_eq!(unsafe { streamalloc_config(buf.as_mut_ptr(), buf.len()) }, 0);
     // Safety: NUL-terminated within buf.
     let text = unsafe { CStr::from_ptr(buf.as_ptr()) }.to_string_lossy().into_owned();
-    assert_eq!(text, "cache:on,max_cache_mb:2048,release:fast,max_cached_kb:65536,class_reach:2,idle_interval:16384");
+    assert_eq!(
+        text,
+        "cache:on,max_cache_mb:2048,release:fast,max_cached_kb:65536,class_reach:2,idle_interval:16384"
+    );
 }
 
 #[test]
