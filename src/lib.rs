@@ -28,6 +28,8 @@ mod block;
 mod budget;
 pub mod cache;
 pub mod core;
+#[cfg(all(test, not(streamalloc_loom)))]
+mod core_tests;
 mod epoch;
 mod freed;
 pub mod lane;
