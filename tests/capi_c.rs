@@ -1,6 +1,6 @@
 //! The C ABI from C: `tests/c/capi_test.c` compiled with the system C compiler (`cc`,
-//! or `$CC`) against `src/capi/streamalloc.h` and the `libstreamalloc.so` that
-//! `cargo test` builds, then run on the simulated device. Skipped, saying so, when no C
+//! or `$CC`) against `src/capi/streamalloc.h` and a `libstreamalloc.so` this test builds
+//! (the `capi/` member), then run on the simulated device. Skipped, saying so, when no C
 //! compiler is found.
 
 use std::path::{Path, PathBuf};
@@ -11,17 +11,32 @@ fn compiler() -> Option<String> {
     Command::new(&cc).arg("--version").output().ok().filter(|o| o.status.success()).map(|_| cc)
 }
 
-/// The directory of the cdylib built for this test run (next to the test binary, in
-/// `deps/`; the copy one level up is only refreshed by `cargo build`).
+/// Builds `libstreamalloc.so` (the `capi/` member's cdylib, simulated backend only: no
+/// default features) into this test's own target directory and returns its directory.
+/// `cargo test` does not build the cdylib (it is no dependency of a test), and a copy
+/// left in the shared target directory by an earlier `cargo build` may be stale; a
+/// directory of our own also keeps clear of the lock of the `cargo test` that runs us.
 fn library_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("test binary path");
-    let deps = exe.parent().expect("deps directory").to_path_buf();
-    for dir in [deps.clone(), deps.parent().map(Path::to_path_buf).unwrap_or_default()] {
-        if dir.join("libstreamalloc.so").exists() {
-            return dir;
-        }
-    }
-    panic!("libstreamalloc.so not found next to {}", exe.display());
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let target = Path::new(env!("CARGO_TARGET_TMPDIR")).join("capi-lib");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
+    let out = Command::new(&cargo)
+        .args(["build", "--quiet", "-p", "streamalloc-capi", "--no-default-features"])
+        .arg("--manifest-path")
+        .arg(root.join("Cargo.toml"))
+        .arg("--target-dir")
+        .arg(&target)
+        .output()
+        .expect("running cargo to build libstreamalloc.so");
+    assert!(
+        out.status.success(),
+        "building libstreamalloc.so failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dir = target.join("debug");
+    assert!(dir.join("libstreamalloc.so").exists(), "no libstreamalloc.so in {}", dir.display());
+    dir
 }
 
 #[test]
