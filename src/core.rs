@@ -6,15 +6,15 @@
 //!   ┌──────────────────────┼─────────────────────────────────────────────┐
 //!   │ EpochGate  one word: even = no capture, odd = capture (+ grace)    │
 //!   ├──────────────────────┼─────────────────────────────────────────────┤
-//!   │ blocks: DashMap<address, BlockInfo>  (pointer hasher, 128 shards)   │
+//!   │ blocks: DashMap<address, Arc<Record>> (pointer hasher, 256 shards) │
 //!   ├──────────────┬───────┴──────┬──────────────┬───────────────────────┤
 //!   │ Shard dev 0  │ Shard dev 1  │ ...          │ deferred frees        │
 //!   │  Budget      │  Budget      │              │ (SegQueue, S4)        │
 //!   │  unifying    │  unifying    │              │                       │
 //!   │  free stream │  free stream │              │                       │
 //!   └──────────────┴──────────────┴──────────────┴───────────────────────┘
-//!                          │
-//!                     Driver (cuda / sim / null)
+//!                          │          FrontCache (src/cache/), when on
+//!                     Driver behind its lane (src/lane/): cuda / sim / null
 //! ```
 //!
 //! No lock is shared by all threads: block metadata lives in a sharded concurrent map,
