@@ -351,9 +351,10 @@ impl<D: Driver> StreamAlloc<D> {
         let Some(cache) = &self.cache else {
             return self.malloc_driver(shard, size, stream, handle, false).map(Some);
         };
-        if self.epoch.capturing() || !self.deferred.is_empty() || !self.cache_config.caches(size) {
-            return self.malloc_driver(shard, size, stream, handle, false).map(Some);
-        }
+        let class = match self.cache_config.class_for(size) {
+            Some(class) if !self.epoch.capturing() && self.deferred.is_empty() => class,
+            _ => return self.malloc_driver(shard, size, stream, handle, false).map(Some),
+        };
         // The cache tier: the bytes first (the limit is exact), then an idle block.
         if shard.budget.reserve(size).is_err() {
             return self.malloc_driver(shard, size, stream, handle, false).map(Some);
@@ -361,7 +362,7 @@ impl<D: Driver> StreamAlloc<D> {
         let note = |r: &Record| {
             self.driver.note_reuse(device, r.dptr(), r.alloc_size as usize, stream);
         };
-        match cache.take(device, size, stream, note) {
+        match cache.take(device, class, stream, note) {
             Some(rec) => {
                 rec.reuse(size, handle);
                 Ok(Some(rec))
@@ -403,7 +404,8 @@ impl<D: Driver> StreamAlloc<D> {
             return Err(self.oom(device, size));
         }
         let captured = section.capturing();
-        let cacheable = self.cache.is_some() && !captured && self.cache_config.caches(size);
+        let cacheable =
+            self.cache.is_some() && !captured && self.cache_config.class_for(size).is_some();
         let mut alloc_size = if cacheable { FrontCache::alloc_size(size) } else { size };
         if let Some(cache) = &self.cache
             && !captured

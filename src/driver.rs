@@ -118,7 +118,7 @@ pub trait Driver: Send + Sync + 'static {
 
     /// Whether concurrent allocation calls contend inside the driver, so that the
     /// allocator does better to let one thread at a time per device make them (the
-    /// driver lane, `src/lane.rs`). True for CUDA; false for drivers that scale.
+    /// driver lane, `src/lane/`). True for CUDA; false for drivers that scale.
     fn serializes_internally(&self) -> bool {
         false
     }

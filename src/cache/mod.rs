@@ -127,10 +127,14 @@ impl CacheConfig {
         CacheConfig { idle_over_live_pct: 50, max_cached_size: 1 << 20, ..CacheConfig::default() }
     }
 
-    /// Whether a request of `size` bytes may be served from, and go back to, the cache.
+    /// The size class of a request of `size` bytes when it may be served from, and go
+    /// back to, the cache.
     #[inline]
-    pub(crate) fn caches(&self, size: u64) -> bool {
-        size <= self.max_cached_size && class_of(size).is_some()
+    pub(crate) fn class_for(&self, size: u64) -> Option<usize> {
+        if size > self.max_cached_size {
+            return None;
+        }
+        class_of(size).map(|(class, _)| class)
     }
 
     /// The default cache with another per-device byte budget.
@@ -221,18 +225,17 @@ impl FrontCache {
         class_of(size).map_or(size, |(_, class_size)| class_size)
     }
 
-    /// The cache tier of malloc: an idle block of `size`'s class (or up to `class_reach`
+    /// The cache tier of malloc: an idle block of the request's `class` (or up to `class_reach`
     /// classes larger) on `stream`. `on_reuse` runs under the stream cache's lock, so no
     /// other thread can hand the block out before it returns.
     #[inline]
     pub(crate) fn take(
         &self,
         device: Device,
-        size: u64,
+        class: usize,
         stream: Stream,
         on_reuse: impl FnOnce(&Record),
     ) -> Option<Arc<Record>> {
-        let (class, _) = class_of(size)?;
         let reach = self.config.class_reach;
         self.with_stream_cache(device, stream, false, |sc| {
             let mut l = sc.lock();
