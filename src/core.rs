@@ -31,7 +31,7 @@ use crate::error::{Error, OutOfMemory, Result};
 use crate::freed::FreedTable;
 use crate::history::{Action, History, OomObservers};
 use crate::lane::{DriverLane, Laned};
-use crate::types::{Device, DevicePtr, Stream, UsageStream};
+use crate::types::{CaptureStatus, Device, DevicePtr, Stream, UsageStream};
 use crate::warn::{WarningCounts, Warnings};
 use arc_swap::ArcSwapOption;
 use crossbeam::queue::SegQueue;
@@ -40,6 +40,7 @@ use dashmap::{DashMap, DashSet};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
 
 pub use crate::block::ONE_EXBIBYTE;
 
@@ -128,7 +129,8 @@ struct Capture {
 /// ```
 pub struct StreamAlloc<D: Driver> {
     /// The driver behind its lane (`src/lane/`): every driver call goes through it.
-    driver: Laned<D>,
+    /// Shared only with the reaper a drop during a capture may leave behind.
+    driver: Arc<Laned<D>>,
     shards: Box<[Shard]>,
     blocks: PtrMap<Arc<Record>>,
     epoch: EpochGate,
@@ -187,7 +189,7 @@ impl<D: Driver> StreamAlloc<D> {
             })
             .collect();
         StreamAlloc {
-            driver: Laned::auto(driver),
+            driver: Arc::new(Laned::auto(driver)),
             shards,
             blocks: DashMap::with_hasher_and_shard_amount(
                 BuildHasherDefault::default(),
@@ -990,22 +992,103 @@ impl<D: Driver> StreamAlloc<D> {
 }
 
 impl<D: Driver> Drop for StreamAlloc<D> {
-    /// Gives the front cache's idle blocks back to the driver (live blocks are the
-    /// owner's).
+    /// Gives the front cache's idle blocks and the frees deferred by a capture back to
+    /// the driver (live blocks are their owners'). During a capture a block whose
+    /// streams capture cannot be freed yet (the free would join the graph): a reaper
+    /// thread, which shares the driver, frees it once those streams have left capture.
     fn drop(&mut self) {
-        if self.cache.is_none() {
-            return;
-        }
         let section = self.epoch.enter();
-        if section.capturing() {
-            log::error!("allocator dropped during a capture: its idle blocks stay with the driver");
+        if !section.capturing() {
+            for shard in self.shards.iter().filter(|s| s.unifying.get().is_some()) {
+                if let Err(e) = self.flush_device(shard, &section) {
+                    log::error!("releasing idle blocks of device {} failed: {e}", shard.device);
+                }
+            }
+            if let Err(e) = self.flush_deferred(&section) {
+                log::error!("a deferred free failed as the allocator was dropped: {e}");
+            }
             return;
         }
-        for shard in self.shards.iter().filter(|s| s.unifying.get().is_some()) {
-            if let Err(e) = self.flush_device(shard, &section) {
-                log::error!("releasing idle blocks of device {} failed: {e}", shard.device);
+        let mut waiting: Vec<Detached> = Vec::new();
+        let idle = self
+            .cache
+            .iter()
+            .flat_map(|c| self.shards.iter().flat_map(move |s| c.drain_device(s.device)));
+        let deferred = std::iter::from_fn(|| self.deferred.pop())
+            .filter_map(|ptr| self.blocks.get(&ptr).map(|r| r.value().clone()))
+            .filter(|rec| rec.transition(DEFERRED, GONE));
+        for rec in idle.chain(deferred).collect::<Vec<_>>() {
+            let unifying = self.shards[rec.device()].unifying.get().copied();
+            let block = Detached { rec, unifying };
+            if !block.free_when_quiet(&*self.driver) {
+                waiting.push(block);
             }
         }
+        if waiting.is_empty() {
+            return;
+        }
+        let driver = Arc::clone(&self.driver);
+        let reaper = move || {
+            let mut pause = Duration::from_millis(1);
+            while !waiting.is_empty() {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(100));
+                waiting.retain(|b| !b.free_when_quiet(&*driver));
+            }
+        };
+        let spawned = std::thread::Builder::new().name("streamalloc-reaper".into()).spawn(reaper);
+        if let Err(e) = spawned {
+            log::error!(
+                "allocator dropped during a capture, no reaper thread ({e}): idle blocks stay with the driver"
+            );
+        }
+    }
+}
+
+/// An idle or deferred block of a dropped allocator, freed by nobody but the driver.
+struct Detached {
+    rec: Arc<Record>,
+    /// Its device's unifying stream, for a block used on other streams.
+    unifying: Option<Stream>,
+}
+
+impl Detached {
+    /// Frees the block once none of its streams captures (the free must not join a
+    /// graph): on its creation stream, or, for a block used on other streams, on the
+    /// unifying stream after every stream it was used on. Returns false while it must
+    /// wait; true when freed or given up on (a driver error, logged: the block stays
+    /// with the driver).
+    fn free_when_quiet<L: Driver>(&self, driver: &L) -> bool {
+        let rec = &self.rec;
+        let creation = rec.creation();
+        let recorded = rec.recorded();
+        let quiet = |s: UsageStream| {
+            !matches!(
+                driver.capture_status(s),
+                Ok(CaptureStatus::Active | CaptureStatus::Invalidated)
+            )
+        };
+        if !quiet(creation) || !recorded.iter().all(|&s| quiet(s)) {
+            return false;
+        }
+        let (device, bytes) = (rec.device(), rec.alloc_size as usize);
+        let freed = match self.unifying {
+            Some(unifying) if !recorded.is_empty() => {
+                let unifying = UsageStream::new(unifying, device);
+                (|| {
+                    driver.sync_streams(creation, unifying)?;
+                    for &used_on in recorded.iter() {
+                        driver.sync_streams(used_on, unifying)?;
+                    }
+                    driver.free_async(device, rec.dptr(), bytes, unifying.stream)
+                })()
+            }
+            _ => driver.free_async(device, rec.dptr(), bytes, creation.stream),
+        };
+        if let Err(e) = freed {
+            log::error!("freeing block {} of a dropped allocator failed: {e}", rec.dptr());
+        }
+        true
     }
 }
 

@@ -281,3 +281,59 @@ fn the_lean_preset_caches_small_requests_only() {
     assert_eq!(a.device_stats(0).unwrap().cached_current, 64 << 10);
     sim.assert_clean();
 }
+
+#[test]
+fn dropping_the_allocator_during_a_capture_frees_idle_and_deferred_blocks_after_it() {
+    // Issue 13 item 10: a drop during a capture used to skip the flush and leave every
+    // idle block with the driver. Blocks on quiet streams go at once; blocks whose
+    // stream captures (a free there would join the graph) once the capture has ended.
+    for (config, kind) in
+        [(CacheConfig::default(), "cached"), (CacheConfig::passthrough(), "passthrough")]
+    {
+        let cached = kind == "cached";
+        let sim = Arc::new(SimDriver::with_devices(1, 1 << 30));
+        let a = StreamAlloc::with_cache(sim.clone(), config).unwrap();
+        let (quiet, capturing) =
+            (sim.new_usage_stream(0).unwrap(), sim.new_usage_stream(0).unwrap());
+        let on_capturing: Vec<_> =
+            (0..8).map(|_| a.malloc(0, MIB, capturing.stream).unwrap()).collect();
+        let on_quiet: Vec<_> = (0..4).map(|_| a.malloc(0, MIB, quiet.stream).unwrap()).collect();
+        let deferred = a.malloc(0, MIB, capturing.stream).unwrap();
+        for p in on_capturing.into_iter().chain(on_quiet) {
+            a.free(p).unwrap();
+        }
+        assert_eq!(sim.live_blocks(0), if cached { 13 } else { 1 }, "{kind}");
+        a.begin_capture_on(0, capturing.stream).unwrap();
+        sim.begin_capture(capturing).unwrap();
+        a.free(deferred).unwrap(); // allocated before the capture: deferred (S4)
+        drop(a);
+        // The quiet stream's idle blocks are freed by the drop itself.
+        assert_eq!(sim.live_blocks(0), if cached { 9 } else { 1 }, "{kind}");
+        assert!(sim.reports().is_empty(), "{kind}: {:?}", sim.reports());
+        sim.end_capture(capturing).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while sim.live_blocks(0) > 0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert_eq!(sim.live_blocks(0), 0, "{kind}: blocks left with the driver");
+        assert_eq!(sim.pool_used(0), 0, "{kind}");
+        assert!(sim.reports().is_empty(), "{kind}: {:?}", sim.reports());
+    }
+}
+
+#[test]
+fn dropping_the_allocator_while_no_stream_captures_frees_everything_at_once() {
+    // The allocator's capture began (PyTorch's beginAllocateToPool) but the driver's
+    // has not, or has already ended: nothing waits.
+    let sim = Arc::new(SimDriver::with_devices(1, 1 << 30));
+    let a = StreamAlloc::new(sim.clone()).unwrap();
+    let s = sim.new_usage_stream(0).unwrap();
+    let ps: Vec<_> = (0..8).map(|_| a.malloc(0, MIB, s.stream).unwrap()).collect();
+    let deferred = a.malloc(0, MIB, s.stream).unwrap();
+    ps.into_iter().for_each(|p| a.free(p).unwrap());
+    a.begin_capture_on(0, s.stream).unwrap();
+    a.free(deferred).unwrap();
+    drop(a);
+    assert_eq!(sim.live_blocks(0), 0);
+    assert!(sim.reports().is_empty(), "{:?}", sim.reports());
+}
