@@ -35,6 +35,12 @@ pub(crate) struct Budget {
     /// Threads on the exact path (read-mostly: raised only when a claim is refused).
     exact: CachePadded<AtomicUsize>,
     credit: Box<[CachePadded<AtomicU64>]>,
+    /// Two-step moves of bytes between `reserved` and a stripe's credit (a chunk's
+    /// claim then its credit, a give-back, a drain) started and finished: while they
+    /// differ, `reserved - credit` may read high (the exact path must not refuse on such
+    /// a reading). Touched only on those rare paths.
+    moves_started: CachePadded<AtomicU64>,
+    moves_finished: CachePadded<AtomicU64>,
 }
 
 impl Budget {
@@ -45,15 +51,19 @@ impl Budget {
             limit: CachePadded::new(AtomicU64::new(u64::MAX)),
             exact: CachePadded::new(AtomicUsize::new(0)),
             credit: (0..STRIPES).map(|_| CachePadded::new(AtomicU64::new(0))).collect(),
+            moves_started: CachePadded::new(AtomicU64::new(0)),
+            moves_finished: CachePadded::new(AtomicU64::new(0)),
         }
     }
 
     /// Claims `n` bytes against the limit: a CAS loop, never load-then-add.
     ///
-    /// Orderings: `Relaxed` throughout. The counters guard no other data, and
-    /// read-modify-writes on one location are totally ordered, so every claim sees every
-    /// earlier claim or release. A concurrent `set_limit` applies to the claims that read
-    /// the new limit.
+    /// Orderings: the counters guard no other data, and read-modify-writes on one
+    /// location are totally ordered, so every claim sees every earlier claim or release.
+    /// A successful claim is `Release`: a chunk's claim is a move's first step, and an
+    /// exact-path reader that sees it (`stable_used`'s `Acquire` loads) then sees the
+    /// move's start too. A concurrent `set_limit` applies to the claims that read the
+    /// new limit.
     fn claim(&self, n: u64) -> bool {
         let mut reserved = self.reserved.load(Ordering::Relaxed);
         loop {
@@ -65,7 +75,7 @@ impl Budget {
             match self.reserved.compare_exchange_weak(
                 reserved,
                 new,
-                Ordering::Relaxed,
+                Ordering::Release,
                 Ordering::Relaxed,
             ) {
                 Ok(_) => return true,
@@ -95,10 +105,14 @@ impl Budget {
             }
         }
         // No new chunk while a thread is on the exact path: it is draining credit.
-        if self.exact.load(Ordering::Relaxed) == 0 && self.claim(size.saturating_add(CREDIT_CHUNK))
-        {
-            credit.fetch_add(CREDIT_CHUNK, Ordering::Relaxed);
-            return Ok(());
+        if self.exact.load(Ordering::Relaxed) == 0 {
+            let move_ = self.begin_move();
+            if self.claim(size.saturating_add(CREDIT_CHUNK)) {
+                credit.fetch_add(CREDIT_CHUNK, Ordering::Release);
+                self.end_move(move_);
+                return Ok(());
+            }
+            self.end_move(move_);
         }
         if self.claim(size) {
             return Ok(());
@@ -114,7 +128,10 @@ impl Budget {
     /// race is retried. The decision to refuse is made on the live bytes (claims less
     /// credit) read after a drain, so bytes stranded as credit in other threads' stripes
     /// never cause a refusal (a spurious out-of-memory under contention was one: 7 in
-    /// 28.8 M mallocs at 16 threads before this path).
+    /// 28.8 M mallocs at 16 threads before this path), and only on a reading no move of
+    /// credit overlapped (`stable_used`: a chunk claimed but not yet credited reads as
+    /// live bytes; the loom model `loom_exact_claim_is_not_refused_by_credit_another_
+    /// thread_regrabs` found that window).
     #[cold]
     fn reserve_exact(&self, size: u64) -> Result<(), u64> {
         // SeqCst: pairs with the loads of `exact` in `reserve`/`release`; an operation
@@ -127,13 +144,14 @@ impl Budget {
                 outcome = Ok(());
                 break;
             }
-            let live = self.used();
-            let refused = live.checked_add(size).is_none_or(|n| n > self.limit());
-            if refused {
-                outcome = Err(live);
-                break;
+            match self.stable_used() {
+                Some(live) if live.checked_add(size).is_none_or(|n| n > self.limit()) => {
+                    outcome = Err(live);
+                    break;
+                }
+                Some(live) => outcome = Err(live),
+                None => outcome = Err(self.used()),
             }
-            outcome = Err(live);
             crate::sync::spin_wait();
         }
         self.exact.fetch_sub(1, Ordering::SeqCst);
@@ -158,29 +176,73 @@ impl Budget {
         let credit = &self.credit[thread_stripe(STRIPES)];
         let mut have = credit.fetch_add(size, Ordering::Relaxed) + size;
         while have > 2 * CREDIT_CHUNK {
+            let move_ = self.begin_move();
+            // Release: a reader that sees the lowered credit sees the move's start.
             match credit.compare_exchange_weak(
                 have,
                 CREDIT_CHUNK,
-                Ordering::Relaxed,
+                Ordering::Release,
                 Ordering::Relaxed,
             ) {
                 Ok(_) => {
-                    self.reserved.fetch_sub(have - CREDIT_CHUNK, Ordering::Relaxed);
+                    self.reserved.fetch_sub(have - CREDIT_CHUNK, Ordering::Release);
+                    self.end_move(move_);
                     return;
                 }
                 Err(now) => have = now,
             }
+            self.end_move(move_);
         }
     }
 
     /// Moves all credit back to the shared counter.
     pub(crate) fn drain(&self) {
+        let move_ = self.begin_move();
         for credit in self.credit.iter() {
-            let taken = credit.swap(0, Ordering::Relaxed);
+            // Release: a reader that sees the drained stripe sees the move's start.
+            let taken = credit.swap(0, Ordering::Release);
             if taken > 0 {
-                self.reserved.fetch_sub(taken, Ordering::Relaxed);
+                self.reserved.fetch_sub(taken, Ordering::Release);
             }
         }
+        self.end_move(move_);
+    }
+
+    /// Announces a two-step move of bytes between `reserved` and credit.
+    ///
+    /// `SeqCst`: the increment must be ordered before the move's first store (which is
+    /// `Release`, so a reader acquiring that store sees this increment).
+    #[inline]
+    fn begin_move(&self) -> Move {
+        self.moves_started.fetch_add(1, Ordering::SeqCst);
+        Move(())
+    }
+
+    /// Ends a move: `Release`, so a reader that sees the count sees the whole move.
+    #[inline]
+    fn end_move(&self, _: Move) {
+        self.moves_finished.fetch_add(1, Ordering::Release);
+    }
+
+    /// The live bytes, read while no move of credit was in flight; `None` if one
+    /// overlapped the reading. Never higher than the truth at some moment of the call.
+    ///
+    /// Orderings: `finished` then `started` (`Acquire`): equal means every move started
+    /// before the second load had finished, and their stores are visible. The stripes
+    /// and `reserved` are read with `Acquire`, so a reading that saw any store of a move
+    /// begun later sees that move's start in the last load of `started`, and is retried.
+    fn stable_used(&self) -> Option<u64> {
+        let finished = self.moves_finished.load(Ordering::Acquire);
+        let started = self.moves_started.load(Ordering::Acquire);
+        if started != finished {
+            return None;
+        }
+        let credit: u64 = self.credit.iter().map(|c| c.load(Ordering::Acquire)).sum();
+        let reserved = self.reserved.load(Ordering::Acquire);
+        if self.moves_started.load(Ordering::Acquire) != started {
+            return None;
+        }
+        Some(reserved.saturating_sub(credit))
     }
 
     /// Bytes in live allocations (exact when no operation is in flight).
@@ -203,6 +265,9 @@ impl Budget {
         self.drain();
     }
 }
+
+/// A move in flight (from `begin_move`, ended by `end_move`).
+struct Move(());
 
 #[cfg(all(test, not(streamalloc_loom)))]
 mod tests {

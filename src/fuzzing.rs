@@ -1495,7 +1495,9 @@ pub fn run_c_abi(ops: &[CAbiOp]) -> Result<(), String> {
         match *op {
             CAbiOp::Alloc { size, device, stream } => {
                 let bytes = size.bytes();
-                let p = streamalloc_alloc(bytes, device, stream_of(stream));
+                // Safety: the harness runs on the simulated backend, whose stream handles are
+                // numbers it looks up (garbage and destroyed ones are refused there).
+                let p = unsafe { streamalloc_alloc(bytes, device, stream_of(stream)) };
                 no_panic("alloc").map_err(at)?;
                 match (p.is_null(), bytes, code()) {
                     (true, 0, 0) => {}
@@ -1530,7 +1532,9 @@ pub fn run_c_abi(ops: &[CAbiOp]) -> Result<(), String> {
                     .get(slot as usize % held.len().max(1))
                     .map_or(std::ptr::null_mut(), |h| h.0);
                 let (handle, belongs) = pick(stream);
-                let c = streamalloc_record_stream_on(p, handle, device);
+                // Safety: the harness runs on the simulated backend, whose stream handles are
+                // numbers it looks up (garbage and destroyed ones are refused there).
+                let c = unsafe { streamalloc_record_stream_on(p, handle, device) };
                 no_panic("record_stream").map_err(at)?;
                 if c != code() {
                     return Err(at(format!("returned {c}, last error {}", code())));
@@ -1595,7 +1599,9 @@ pub fn run_c_abi(ops: &[CAbiOp]) -> Result<(), String> {
                 capturing |= c == 0;
             }
             CAbiOp::EndCapture { device, stream } => {
-                let c = streamalloc_end_capture(device, stream_of(stream));
+                // Safety: the harness runs on the simulated backend, whose stream handles are
+                // numbers it looks up (garbage and destroyed ones are refused there).
+                let c = unsafe { streamalloc_end_capture(device, stream_of(stream)) };
                 no_panic("end_capture").map_err(at)?;
                 if c == 0 {
                     capturing = false;
@@ -1621,7 +1627,8 @@ pub fn run_c_abi(ops: &[CAbiOp]) -> Result<(), String> {
     // Another thread (a parallel test) may hold the one capture: only end our own.
     if capturing {
         for d in 0..FUZZ_DEVICES as i32 {
-            if streamalloc_end_capture(d, std::ptr::null_mut()) == 0 {
+            // Safety: the null stream, on the simulated backend.
+            if unsafe { streamalloc_end_capture(d, std::ptr::null_mut()) } == 0 {
                 break;
             }
         }

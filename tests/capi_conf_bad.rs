@@ -12,7 +12,8 @@ fn unknown_key_fails_every_call_with_a_clear_error() {
         std::env::set_var("STREAMALLOC_BACKEND", "sim");
         std::env::set_var("STREAMALLOC_CONF", "cache:on,release_thresold:1");
     }
-    assert!(streamalloc_alloc(4096, 0, std::ptr::null_mut()).is_null());
+    // Safety: the null stream.
+    assert!(unsafe { streamalloc_alloc(4096, 0, std::ptr::null_mut()) }.is_null());
     let mut buf = [0 as c_char; 512];
     // Safety: buf holds 512 bytes.
     assert_eq!(unsafe { streamalloc_last_error(buf.as_mut_ptr(), buf.len()) }, 7);

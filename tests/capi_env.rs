@@ -20,11 +20,12 @@ fn sim_backend_from_environment() {
     assert_eq!(streamalloc_last_error_code(), 0);
     // Safety: a static NUL-terminated string.
     assert_eq!(unsafe { CStr::from_ptr(streamalloc_backend()) }, c"sim");
-    let p = streamalloc_alloc(1 << 20, 0, std::ptr::null_mut());
+    // Safety (these three): the null stream.
+    let p = unsafe { streamalloc_alloc(1 << 20, 0, std::ptr::null_mut()) };
     assert!(!p.is_null());
-    assert!(streamalloc_alloc(1 << 20, 1, std::ptr::null_mut()).is_null());
+    assert!(unsafe { streamalloc_alloc(1 << 20, 1, std::ptr::null_mut()) }.is_null());
     assert_eq!(streamalloc_last_error_code(), 2);
-    assert!(streamalloc_alloc(128 << 20, 0, std::ptr::null_mut()).is_null());
+    assert!(unsafe { streamalloc_alloc(128 << 20, 0, std::ptr::null_mut()) }.is_null());
     let mut buf = [0 as c_char; 512];
     // Safety: buf holds 512 bytes.
     assert_eq!(unsafe { streamalloc_last_error(buf.as_mut_ptr(), buf.len()) }, 1);

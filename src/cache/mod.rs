@@ -34,7 +34,7 @@
 //! used lately.
 
 mod classes;
-mod spin;
+pub(crate) mod spin;
 mod stream;
 
 use crate::block::Record;

@@ -1,7 +1,6 @@
-//! The stream caches' lock.
+//! The stream caches' lock (model-checked under loom: `src/tests/loom_cache.rs`).
 
-use std::cell::UnsafeCell;
-use std::sync::atomic::{AtomicBool, Ordering};
+use crate::sync::{AtomicBool, Ordering, UnsafeCell, spin_hint};
 
 /// A test-and-set spin lock: the stream caches' lock. In the common case one thread
 /// uses a stream and takes its lock uncontended: one compare-and-swap to lock and a
@@ -39,9 +38,9 @@ impl<T> SpinLock<T> {
             while self.locked.load(Ordering::Relaxed) {
                 spins += 1;
                 if spins < 64 {
-                    std::hint::spin_loop();
+                    spin_hint();
                 } else {
-                    std::thread::yield_now();
+                    crate::sync::spin_wait();
                 }
             }
         }
@@ -54,7 +53,7 @@ impl<T> std::ops::Deref for SpinGuard<'_, T> {
     #[inline]
     fn deref(&self) -> &T {
         // Safety: the guard exists only while this thread holds the lock.
-        unsafe { &*self.lock.value.get() }
+        self.lock.value.with(|p| unsafe { &*p })
     }
 }
 
@@ -63,7 +62,7 @@ impl<T> std::ops::DerefMut for SpinGuard<'_, T> {
     fn deref_mut(&mut self) -> &mut T {
         // Safety: the guard exists only while this thread holds the lock, and `&mut
         // self` makes this the only reference through it.
-        unsafe { &mut *self.lock.value.get() }
+        self.lock.value.with_mut(|p| unsafe { &mut *p })
     }
 }
 

@@ -169,8 +169,12 @@ pub unsafe extern "C" fn streamalloc_snapshot_blocks(
 /// when a memory fraction is set, else the device's total (as PyTorch's allocator
 /// passes them). The observer must not unwind (C++ exceptions must be caught inside).
 /// Returns the status code (2 for a NULL observer).
+///
+/// # Safety
+/// `observer`, if not null, must be a function that may be called from any thread at any
+/// time for the life of the process, with the `user` pointer given here.
 #[unsafe(no_mangle)]
-pub extern "C" fn streamalloc_attach_oom_observer(
+pub unsafe extern "C" fn streamalloc_attach_oom_observer(
     observer: StreamallocOomObserver,
     user: *mut c_void,
 ) -> c_int {

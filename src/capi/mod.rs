@@ -406,8 +406,16 @@ fn describe(a: &StreamAlloc<Arc<dyn Driver>>, ptr: DevicePtr) -> String {
 /// Allocates `size` bytes on `device`, ordered on `stream`
 /// (`CUDAPluggableAllocator`'s alloc). NULL on failure (last error set) and for size 0
 /// (no error).
+///
+/// # Safety
+/// `stream` must be a CUDA stream of `device` that is alive (or null, the legacy default
+/// stream): the handle goes to the driver as is.
 #[unsafe(no_mangle)]
-pub extern "C" fn streamalloc_alloc(size: usize, device: c_int, stream: CudaStream) -> *mut c_void {
+pub unsafe extern "C" fn streamalloc_alloc(
+    size: usize,
+    device: c_int,
+    stream: CudaStream,
+) -> *mut c_void {
     boundary(std::ptr::null_mut(), || {
         if size == 0 {
             // S3: size 0 is null with no driver call and no error, whatever the device
@@ -529,8 +537,12 @@ pub unsafe extern "C" fn streamalloc_base_alloc(ptr: *mut c_void, size: *mut usi
 /// record-stream hook). The hook gets no device: the stream is taken to belong to the
 /// pointer's device (one map lookup). Use [`streamalloc_record_stream_on`] when the
 /// stream's device is known.
+///
+/// # Safety
+/// `stream` must be a live CUDA stream (or null): it is checked through the driver,
+/// which must be given a real handle.
 #[unsafe(no_mangle)]
-pub extern "C" fn streamalloc_record_stream(ptr: *mut c_void, stream: CudaStream) {
+pub unsafe extern "C" fn streamalloc_record_stream(ptr: *mut c_void, stream: CudaStream) {
     boundary((), || {
         if ptr.is_null() {
             return Ok(());
@@ -543,8 +555,12 @@ pub extern "C" fn streamalloc_record_stream(ptr: *mut c_void, stream: CudaStream
 
 /// Records that `ptr` is used on `stream` of device `stream_device` (S6, S24).
 /// Returns the status code.
+///
+/// # Safety
+/// `stream` must be a live CUDA stream (or null): it is checked through the driver,
+/// which must be given a real handle.
 #[unsafe(no_mangle)]
-pub extern "C" fn streamalloc_record_stream_on(
+pub unsafe extern "C" fn streamalloc_record_stream_on(
     ptr: *mut c_void,
     stream: CudaStream,
     stream_device: c_int,
@@ -619,8 +635,15 @@ pub extern "C" fn streamalloc_begin_capture(device: c_int) -> c_int {
 /// [`streamalloc_begin_capture`], and every stream a free is issued on during the
 /// capture is joined back into `capture_stream` at once, so the capture may end before
 /// [`streamalloc_end_capture`] is called (PyTorch's order). Returns the status code.
+///
+/// # Safety
+/// `capture_stream` must be a live CUDA stream of `device` (or null): frees issued during
+/// the capture are joined into it through the driver.
 #[unsafe(no_mangle)]
-pub extern "C" fn streamalloc_begin_capture_on(device: c_int, capture_stream: CudaStream) -> c_int {
+pub unsafe extern "C" fn streamalloc_begin_capture_on(
+    device: c_int,
+    capture_stream: CudaStream,
+) -> c_int {
     status(|| {
         let a = alloc()?;
         let r = a.begin_capture_on(self::device(a, device)?, stream(capture_stream));
@@ -636,8 +659,15 @@ pub extern "C" fn streamalloc_begin_capture_on(device: c_int, capture_stream: Cu
 /// The capture on `device` is about to end (S15): `capture_stream` waits on every
 /// stream a free was issued on during the capture. Call before `cudaStreamEndCapture`.
 /// Returns the status code.
+///
+/// # Safety
+/// `capture_stream` must be a live CUDA stream of `device` (or null): the capture's free
+/// streams are joined into it through the driver.
 #[unsafe(no_mangle)]
-pub extern "C" fn streamalloc_end_capture(device: c_int, capture_stream: CudaStream) -> c_int {
+pub unsafe extern "C" fn streamalloc_end_capture(
+    device: c_int,
+    capture_stream: CudaStream,
+) -> c_int {
     status(|| {
         let a = alloc()?;
         let r = a.end_capture(self::device(a, device)?, stream(capture_stream));

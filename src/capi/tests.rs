@@ -5,6 +5,44 @@
 use super::*;
 use std::ffi::CStr;
 
+// The unsafe entry points, for these tests: they run on the simulated backend, whose
+// stream handles are numbers it looks up (garbage and destroyed ones are refused there),
+// and the handlers they install are plain functions that live for the process. Local
+// items shadow the glob import above.
+
+fn streamalloc_alloc(size: usize, device: c_int, stream: CudaStream) -> *mut c_void {
+    // Safety: see above.
+    unsafe { super::streamalloc_alloc(size, device, stream) }
+}
+
+fn streamalloc_record_stream(ptr: *mut c_void, stream: CudaStream) {
+    // Safety: see above.
+    unsafe { super::streamalloc_record_stream(ptr, stream) }
+}
+
+fn streamalloc_record_stream_on(ptr: *mut c_void, stream: CudaStream, device: c_int) -> c_int {
+    // Safety: see above.
+    unsafe { super::streamalloc_record_stream_on(ptr, stream, device) }
+}
+
+fn streamalloc_end_capture(device: c_int, stream: CudaStream) -> c_int {
+    // Safety: see above.
+    unsafe { super::streamalloc_end_capture(device, stream) }
+}
+
+fn streamalloc_attach_oom_observer(
+    observer: history::StreamallocOomObserver,
+    user: *mut c_void,
+) -> c_int {
+    // Safety: see above.
+    unsafe { history::streamalloc_attach_oom_observer(observer, user) }
+}
+
+fn streamalloc_set_warning_handler(handler: Option<WarningHandler>, user: *mut c_void) -> c_int {
+    // Safety: see above.
+    unsafe { warnings::streamalloc_set_warning_handler(handler, user) }
+}
+
 const GIB: u64 = 1 << 30;
 
 /// The global allocator's simulated device, with this test's turn: the tests share the
@@ -271,7 +309,6 @@ fn history_and_snapshot_through_the_c_abi() {
 
 #[test]
 fn oom_observer_through_the_c_abi() {
-    use super::history::*;
     use std::sync::Mutex;
     /// (device, requested, total, free, user) of each call.
     type Call = (c_int, usize, usize, usize, usize);

@@ -80,8 +80,12 @@ pub(crate) fn install_logger() -> bool {
 /// many at once; it must not call back into the library), or back to standard error
 /// when `handler` is NULL. Returns 0, or 2 (`STREAMALLOC_INVALID_ARGUMENT`) when the
 /// process already has another `log` logger, which then keeps the warnings.
+///
+/// # Safety
+/// `handler`, if not null, must be a function that may be called from any thread at any
+/// time until it is replaced, with the `user` pointer given here.
 #[unsafe(no_mangle)]
-pub extern "C" fn streamalloc_set_warning_handler(
+pub unsafe extern "C" fn streamalloc_set_warning_handler(
     handler: Option<WarningHandler>,
     user: *mut c_void,
 ) -> c_int {

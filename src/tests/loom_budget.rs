@@ -49,3 +49,30 @@ fn loom_limit_change_races_reservation() {
         assert!(budget.reserve(40).is_ok());
     });
 }
+
+#[test]
+fn loom_exact_claim_is_not_refused_by_credit_another_thread_regrabs() {
+    // Issue 13 item 4: the exact path drains every stripe's credit and claims; another
+    // thread churning small allocations may re-take a credit chunk between the drain
+    // and the claim. The request fits the live bytes at every moment (the churner never
+    // holds more than 10 live bytes), so it must never be refused.
+    use crate::budget::CREDIT_CHUNK;
+    loom::model(|| {
+        let limit = 2 * CREDIT_CHUNK;
+        let budget = Arc::new(Budget::new());
+        budget.set_limit(limit);
+        let b2 = budget.clone();
+        let churner = thread::spawn(move || {
+            for _ in 0..2 {
+                b2.reserve(10).expect("10 bytes always fit beside the big request");
+                b2.release(10);
+            }
+        });
+        let big = limit - 10;
+        assert_eq!(budget.reserve(big), Ok(()), "a request within the live bytes was refused");
+        churner.join().unwrap();
+        assert_eq!(budget.used(), big);
+        budget.release(big);
+        assert_eq!(budget.used(), 0, "bytes lost");
+    });
+}
