@@ -287,8 +287,16 @@ impl Default for History {
 
 impl History {
     /// Whether history is being recorded.
+    ///
+    /// Under `--cfg streamalloc_no_history_hooks` (a measurement build only:
+    /// `benches/gpu/history_bench.sh` compares it with the normal build to show what the
+    /// hooks cost while history is off) the answer is a constant `false`, so every hook
+    /// compiles away.
     #[inline(always)]
     pub(crate) fn on(&self) -> bool {
+        if cfg!(streamalloc_no_history_hooks) {
+            return false;
+        }
         self.on.load(Ordering::Relaxed)
     }
 

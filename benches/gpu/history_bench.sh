@@ -4,11 +4,11 @@
 #   benches/gpu/history_bench.sh prepare   # build machine: fills .gpu-history/ (git-ignored)
 #   benches/gpu/history_bench.sh run       # GPU host, repo root, .gpu-history/ carried
 #
-# prepare builds, release and stripped, streamalloc-bench of this checkout and of BASE
-# (default: main before the history hooks were merged, i.e. the first parent of the
-# merge that added src/history.rs), the allocator without the hooks.
+# prepare builds, release and stripped, streamalloc-bench of this checkout twice: as is,
+# and with `--cfg streamalloc_no_history_hooks` (the base: the same allocator with every
+# history hook compiled out), so the two differ in the hooks alone.
 # run (about 2 minutes) writes under $OUT history-bench.csv / .log: the cached rows,
-# handle and pointer API, of BASE (hooks absent), of this build with history off, and
+# handle and pointer API, of the base (hooks absent), of this build with history off, and
 # with history on; the two binaries alternate, REPS times each. It prints the table
 # (median Mpairs/s per thread count) last, with the card's name.
 #
@@ -21,7 +21,7 @@ cd "$ROOT"
 DIR=${HISTORY_DIR:-$ROOT/.gpu-history}
 
 # The benchmark binary, release: a workspace member (benches/streamalloc-bench) in newer
-# trees, a binary of the root package in older ones (BASE may be either).
+# trees, a binary of the root package in older ones.
 build_bench() {
   if [ -f benches/streamalloc-bench/Cargo.toml ]; then
     cargo build --release -p streamalloc-bench --bin streamalloc-bench
@@ -32,22 +32,18 @@ build_bench() {
 
 prepare() {
   set -e
-  if [ -z "${BASE:-}" ]; then
-    MERGE=$(git log --first-parent --diff-filter=A --format=%H HEAD -- src/history.rs | tail -n1)
-    BASE=$(git rev-parse "$MERGE^1")
-  fi
   export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
   rm -rf "$DIR" && mkdir -p "$DIR"
   EXCLUDE=$(git rev-parse --git-path info/exclude)
   git check-ignore -q .gpu-history || echo '/.gpu-history/' >>"$EXCLUDE"
   build_bench
   cp "$CARGO_TARGET_DIR/release/streamalloc-bench" "$DIR/"
-  SRC=$(mktemp -d)
-  git archive "$BASE" | tar -x -C "$SRC"
-  (cd "$SRC" && CARGO_TARGET_DIR="$ROOT/target/history-base" build_bench)
+  # The same source with the hooks compiled out (History::on() a constant false).
+  RUSTFLAGS="${RUSTFLAGS:-} --cfg streamalloc_no_history_hooks" \
+    CARGO_TARGET_DIR="$ROOT/target/history-base" build_bench
   cp "$ROOT/target/history-base/release/streamalloc-bench" "$DIR/streamalloc-bench-base"
-  rm -rf "$SRC"
   strip "$DIR"/streamalloc-bench "$DIR"/streamalloc-bench-base 2>/dev/null || true
+  BASE="$(git rev-parse HEAD) with --cfg streamalloc_no_history_hooks"
   echo "base $BASE" >"$DIR/MANIFEST"
   echo "head $(git rev-parse HEAD)$(git diff --quiet HEAD -- src || echo ' (dirty)')" >>"$DIR/MANIFEST"
   du -sh "$DIR"; cat "$DIR/MANIFEST"
