@@ -252,10 +252,11 @@ pub struct Checkpoint {
 /// What [`PrivatePools::restore`] changed (PyTorch's `CheckpointDelta`).
 #[derive(Clone, PartialEq, Eq, Debug, Default)]
 pub struct RestoreDelta {
-    /// Every block that was live before the restore, now freed (by address).
-    pub freed: Vec<DevicePtr>,
-    /// Every block of the checkpoint, now live again (by address).
-    pub allocated: Vec<DevicePtr>,
+    /// Every block that was live before the restore, now freed (by address; the size
+    /// and stream it had).
+    pub freed: Vec<CheckpointBlock>,
+    /// Every block of the checkpoint, now live again (in the checkpoint's order).
+    pub allocated: Vec<CheckpointBlock>,
 }
 
 /// A pool's figures.
@@ -706,7 +707,8 @@ impl<D: Driver> PrivatePools<D> {
         if !b.live {
             return Err(PoolError::DoubleFree { ptr });
         }
-        if !(stream.stream == b.stream && stream.device == key.0) && !b.recorded.contains(&stream) {
+        let own = stream == UsageStream::new(b.stream, key.0);
+        if !own && !b.recorded.contains(&stream) {
             b.recorded.push(stream);
         }
         Ok(())
@@ -837,7 +839,7 @@ impl<D: Driver> PrivatePools<D> {
         for (&ptr, b) in pool.blocks.iter_mut().filter(|(_, b)| b.live || b.held) {
             b.recorded.clear();
             if b.live {
-                delta.freed.push(ptr);
+                delta.freed.push(CheckpointBlock { ptr, size: b.requested, stream: b.stream });
             }
             b.live = false;
             b.held = false;
@@ -852,7 +854,7 @@ impl<D: Driver> PrivatePools<D> {
             b.requested = cb.size;
             b.stream = cb.stream;
             self.driver.note_reuse(device, cb.ptr, b.size, cb.stream);
-            delta.allocated.push(cb.ptr);
+            delta.allocated.push(*cb);
         }
         Ok(delta)
     }

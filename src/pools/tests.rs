@@ -142,12 +142,12 @@ fn checkpoint_and_restore_at_the_same_addresses() {
     let c = pools.alloc(0, id, 4 * MIB, s).unwrap();
     assert!(pools.check_live(0, id, &[b, c]).unwrap());
     let delta = pools.restore(&cp).unwrap();
-    let mut freed = delta.freed.clone();
+    let mut freed: Vec<DevicePtr> = delta.freed.iter().map(|b| b.ptr).collect();
     freed.sort();
     let mut want = vec![b, c];
     want.sort();
     assert_eq!(freed, want);
-    let mut allocd = delta.allocated.clone();
+    let mut allocd: Vec<DevicePtr> = delta.allocated.iter().map(|b| b.ptr).collect();
     allocd.sort();
     let mut want = vec![a, b];
     want.sort();
