@@ -43,6 +43,36 @@ impl From<PoolError> for Failure {
 pub type StreamallocStreamFilter =
     Option<unsafe extern "C" fn(ctx: *mut c_void, stream: CudaStream) -> c_int>;
 
+/// Releases a filter's context when the pools no longer use it. Must not unwind.
+pub type StreamallocFilterDrop = Option<unsafe extern "C" fn(ctx: *mut c_void)>;
+
+/// A C filter and its context, released (`drop`) when the last reference goes: a
+/// router may still hold the context for a moment after it closes.
+struct CFilter {
+    f: unsafe extern "C" fn(*mut c_void, CudaStream) -> c_int,
+    ctx: usize,
+    drop: StreamallocFilterDrop,
+}
+
+impl CFilter {
+    fn accepts(&self, s: crate::Stream) -> bool {
+        // Safety: the contract of streamalloc_pool_begin_allocate_to: f may be called
+        // with ctx from any thread until drop is called (in Drop below), and does not
+        // unwind.
+        unsafe { (self.f)(self.ctx as *mut c_void, s.as_raw() as *mut c_void) != 0 }
+    }
+}
+
+impl Drop for CFilter {
+    fn drop(&mut self) {
+        if let Some(d) = self.drop {
+            // Safety: called once, when nothing can call the filter any more; d does
+            // not unwind (the caller's contract).
+            unsafe { d(self.ctx as *mut c_void) };
+        }
+    }
+}
+
 /// Called once per block freed by `streamalloc_pool_restore`. Must not unwind.
 pub type StreamallocFreedFn =
     Option<unsafe extern "C" fn(ctx: *mut c_void, ptr: *mut c_void, size: usize)>;
@@ -233,11 +263,14 @@ pub extern "C" fn streamalloc_pool_use_count(device: c_int, id0: u64, id1: u64) 
 /// it if needed); until `streamalloc_pool_end_allocate_to`, `streamalloc_alloc` on
 /// `device` with a stream that `filter(filter_ctx, stream)` accepts (every stream, for a
 /// NULL filter) allocates from the pool. `origin` is the caller's current stream (the
-/// capture stream, for a graph capture). Returns the status code.
+/// capture stream, for a graph capture). `filter_drop(filter_ctx)` is called once when
+/// the filter is no longer used (after the context closes, or at once when this call is
+/// refused). Returns the status code.
 ///
 /// # Safety
-/// `filter` is NULL or a function that may be called with `filter_ctx` from any thread,
-/// does not unwind, and stays callable until the context is closed.
+/// `filter` is NULL or a function that may be called with `filter_ctx` from any thread
+/// until `filter_drop` is called, and does not unwind; `filter_drop` is NULL or a
+/// function that does not unwind.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn streamalloc_pool_begin_allocate_to(
     device: c_int,
@@ -246,19 +279,16 @@ pub unsafe extern "C" fn streamalloc_pool_begin_allocate_to(
     origin: CudaStream,
     filter: StreamallocStreamFilter,
     filter_ctx: *mut c_void,
+    filter_drop: StreamallocFilterDrop,
 ) -> c_int {
     status(|| {
+        // Made first, so that a refusal below releases the context too.
+        let filter: Option<crate::pools::StreamFilter> = filter.map(|f| {
+            let c = CFilter { f, ctx: filter_ctx as usize, drop: filter_drop };
+            Box::new(move |s: crate::Stream| c.accepts(s)) as crate::pools::StreamFilter
+        });
         let g = global()?;
         let (d, id) = pool_key(g, device, id0, id1)?;
-        let ctx = filter_ctx as usize;
-        let filter: Option<crate::pools::StreamFilter> = filter.map(|f| {
-            Box::new(move |s: crate::Stream| {
-                // Safety: the caller's contract: f may be called with its context from
-                // any thread until the context closes (the box is dropped at the close),
-                // and does not unwind.
-                unsafe { f(ctx as *mut c_void, s.as_raw() as *mut c_void) != 0 }
-            }) as crate::pools::StreamFilter
-        });
         g.pools.begin_allocate_to(d, id, stream(origin), filter)?;
         Ok(())
     })

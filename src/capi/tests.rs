@@ -599,7 +599,15 @@ fn mem_pool_use_routes_allocations_and_release_returns_memory() {
     // use_mem_pool: begin (a user more), allocate, end, release.
     // Safety: no filter.
     let r = unsafe {
-        pools::streamalloc_pool_begin_allocate_to(0, id0, id1, sptr(s), None, std::ptr::null_mut())
+        pools::streamalloc_pool_begin_allocate_to(
+            0,
+            id0,
+            id1,
+            sptr(s),
+            None,
+            std::ptr::null_mut(),
+            None,
+        )
     };
     assert_eq!(r, 0, "{:?}", last_error());
     assert_eq!(pools::streamalloc_pool_use_count(0, id0, id1), 2);
@@ -629,6 +637,13 @@ fn mem_pool_use_routes_allocations_and_release_returns_memory() {
     sim.assert_clean();
 }
 
+static FILTER_DROPS: AtomicUsize = AtomicUsize::new(0);
+
+/// Counts the releases of filter contexts.
+unsafe extern "C" fn count_drop(_ctx: *mut c_void) {
+    FILTER_DROPS.fetch_add(1, Ordering::Relaxed);
+}
+
 /// A filter that accepts the stream its context names.
 unsafe extern "C" fn only_stream(ctx: *mut c_void, stream: CudaStream) -> c_int {
     (ctx == stream) as c_int
@@ -647,7 +662,15 @@ fn graph_capture_into_a_pool_tells_the_core_of_the_capture() {
     // CUDAGraph::capture_begin: the context, then the stream capture.
     // Safety: only_stream never unwinds and needs no context memory.
     let r = unsafe {
-        pools::streamalloc_pool_begin_allocate_to(0, id0, id1, sptr(s), Some(only_stream), sptr(s))
+        pools::streamalloc_pool_begin_allocate_to(
+            0,
+            id0,
+            id1,
+            sptr(s),
+            Some(only_stream),
+            sptr(s),
+            Some(count_drop),
+        )
     };
     assert_eq!(r, 0, "{:?}", last_error());
     assert!(!alloc().unwrap().capture_underway(), "no capture seen yet");
@@ -665,6 +688,7 @@ fn graph_capture_into_a_pool_tells_the_core_of_the_capture() {
     assert_eq!(graph.allocations, 0);
     assert_eq!(pools::streamalloc_pool_end_allocate_to(0, id0, id1), 0);
     assert!(!alloc().unwrap().capture_underway());
+    assert_eq!(FILTER_DROPS.load(Ordering::Relaxed), 1, "the filter's context is released");
     // The graph's output lives on; the graph's reset releases the pool.
     assert_eq!(pools::streamalloc_pool_release(0, id0, id1), 0);
     streamalloc_free(a, 0, 0, std::ptr::null_mut());
