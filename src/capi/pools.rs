@@ -223,7 +223,7 @@ pub extern "C" fn streamalloc_pool_release(device: c_int, id0: u64, id1: u64) ->
 /// # Safety
 /// `out` is null (an error) or valid for one `streamalloc_pool_stats` write.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn streamalloc_pool_stats(
+pub unsafe extern "C" fn streamalloc_pool_get_stats(
     device: c_int,
     id0: u64,
     id1: u64,
@@ -231,7 +231,7 @@ pub unsafe extern "C" fn streamalloc_pool_stats(
 ) -> c_int {
     status(|| {
         if out.is_null() {
-            return Err(Failure::invalid("streamalloc_pool_stats: out is NULL"));
+            return Err(Failure::invalid("streamalloc_pool_get_stats: out is NULL"));
         }
         let g = global()?;
         let (d, id) = pool_key(g, device, id0, id1)?;

@@ -265,7 +265,7 @@ typedef struct streamalloc_pool_block {
   size_t size;         /* the requested size */
   cudaStream_t stream; /* the stream it was allocated on */
 } streamalloc_pool_block;
-/* A pool's figures (streamalloc_pool_stats). */
+/* A pool's figures (streamalloc_pool_get_stats). */
 typedef struct streamalloc_pool_stats {
   uint64_t use_count;      /* the pool's users */
   uint64_t live_blocks;    /* blocks handed out now */
@@ -285,7 +285,7 @@ int streamalloc_pool_release(int device, uint64_t id0, uint64_t id1);
  * error (bad device, pool (0, 0)). */
 int64_t streamalloc_pool_use_count(int device, uint64_t id0, uint64_t id1);
 /* Fills *out with the pool's figures. Status code (2 for an unknown pool). */
-int streamalloc_pool_stats(int device, uint64_t id0, uint64_t id1, streamalloc_pool_stats* out);
+int streamalloc_pool_get_stats(int device, uint64_t id0, uint64_t id1, streamalloc_pool_stats* out);
 /* Opens an allocate-to context (beginAllocateToPool): adds a user to the pool (making
  * it if needed); until streamalloc_pool_end_allocate_to, streamalloc_alloc on device
  * with a stream that filter(filter_ctx, stream) accepts (every stream: NULL filter)

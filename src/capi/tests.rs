@@ -622,7 +622,7 @@ fn mem_pool_use_routes_allocations_and_release_returns_memory() {
     assert_eq!(pool_of(y), None, "the context is closed");
     let mut st = pools::StreamallocPoolStats::default();
     // Safety: st is a valid output.
-    assert_eq!(unsafe { pools::streamalloc_pool_stats(0, id0, id1, &mut st) }, 0);
+    assert_eq!(unsafe { pools::streamalloc_pool_get_stats(0, id0, id1, &mut st) }, 0);
     assert_eq!((st.use_count, st.live_blocks, st.live_bytes), (1, 1, 1 << 20));
     // del tensor: streamalloc_free knows the pool's block; del pool: release.
     streamalloc_free(x, 0, 0, std::ptr::null_mut());
