@@ -501,6 +501,9 @@ impl<D: Driver> PrivatePools<D> {
     /// Returns the free blocks of a pool with no users to the driver; forgets the pool
     /// when it has no block left. Stops at the first driver failure (the block stays).
     fn return_free_blocks(&self, books: &mut Books, key: Key) -> PoolResult<()> {
+        // Held-back blocks first: their recorded streams are waited for (outside a
+        // capture, as every caller is), so they are free too.
+        self.release_held(books, key)?;
         let Some(pool) = books.pools.get_mut(&key) else { return Ok(()) };
         let free: Vec<(Stream, usize, DevicePtr)> = pool.free.iter().copied().collect();
         let mut result = Ok(());
@@ -533,7 +536,6 @@ impl<D: Driver> PrivatePools<D> {
             .map(|(k, _)| *k)
             .collect();
         for key in dead {
-            self.release_held(&mut books, key)?;
             self.return_free_blocks(&mut books, key)?;
         }
         Ok(())

@@ -266,8 +266,14 @@ fn recorded_streams_are_waited_for_before_reuse() {
     // Outside the capture it is waited for and reused.
     let c = pools.alloc(0, id, MIB, s).unwrap();
     assert!(c == a || c == b);
+    // Held back again (freed in a capture), then the pool is released: every block goes
+    // back to the driver, the held one too.
+    pools.record_stream(c, other).unwrap();
+    sim.begin_capture(us).unwrap();
     pools.free(c).unwrap();
+    sim.end_capture(us).unwrap();
     pools.release(0, id).unwrap();
+    assert_eq!(pools.use_count(0, id).unwrap(), 0, "the pool is forgotten");
     assert_eq!(sim.sync_bytes(0), 0);
     sim.assert_clean();
 }
