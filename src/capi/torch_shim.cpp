@@ -107,8 +107,6 @@ struct Lib {
   decltype(&streamalloc_set_memory_fraction) set_fraction = nullptr;
   decltype(&streamalloc_base_alloc) base_alloc = nullptr;
   decltype(&streamalloc_record_stream_on) record_on = nullptr;
-  decltype(&streamalloc_begin_capture_on) begin_capture = nullptr;
-  decltype(&streamalloc_end_capture) end_capture = nullptr;
   decltype(&streamalloc_last_error) last_error = nullptr;
   // ---- statistics, peer access, cache info, warnings ----
   decltype(&streamalloc_device_memory_stats) memory_stats = nullptr;
@@ -811,8 +809,6 @@ inline void open_library(const std::string& lib_path) {
   l.set_fraction = sym<decltype(l.set_fraction)>(h, "streamalloc_set_memory_fraction");
   l.base_alloc = sym<decltype(l.base_alloc)>(h, "streamalloc_base_alloc");
   l.record_on = sym<decltype(l.record_on)>(h, "streamalloc_record_stream_on");
-  l.begin_capture = sym<decltype(l.begin_capture)>(h, "streamalloc_begin_capture_on");
-  l.end_capture = sym<decltype(l.end_capture)>(h, "streamalloc_end_capture");
   l.last_error = sym<decltype(l.last_error)>(h, "streamalloc_last_error");
   l.memory_stats = sym<decltype(l.memory_stats)>(h, "streamalloc_device_memory_stats");
   l.reset_peak = sym<decltype(l.reset_peak)>(h, "streamalloc_reset_peak_stats");
