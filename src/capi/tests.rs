@@ -589,6 +589,7 @@ fn pool_of(p: *mut c_void) -> Option<(u64, u64)> {
 #[test]
 fn mem_pool_use_routes_allocations_and_release_returns_memory() {
     let sim = setup();
+    let _ = sim.take_reports(); // other tests' findings are theirs
     let s = sim.new_stream(0).unwrap();
     let (id0, id1) = (0, 101);
     let sync_before = sim.sync_bytes(0);
@@ -652,6 +653,7 @@ unsafe extern "C" fn only_stream(ctx: *mut c_void, stream: CudaStream) -> c_int 
 #[test]
 fn graph_capture_into_a_pool_tells_the_core_of_the_capture() {
     let sim = setup();
+    let _ = sim.take_reports(); // other tests' findings are theirs
     let s = sim.new_stream(0).unwrap();
     let us = UsageStream::new(s, 0);
     let (id0, id1) = (102, 0);
@@ -702,6 +704,7 @@ fn graph_capture_into_a_pool_tells_the_core_of_the_capture() {
 #[test]
 fn checkpoint_restore_and_live_check_through_the_c_abi() {
     let sim = setup();
+    let _ = sim.take_reports(); // other tests' findings are theirs
     let s = sim.new_stream(0).unwrap();
     let (d, id0, id1) = (0, 0, 103);
     assert_eq!(pools::streamalloc_pool_create_or_incref(d, id0, id1), 0);
@@ -821,4 +824,46 @@ fn pool_calls_refuse_bad_input() {
     streamalloc_free(p, 0, 0, std::ptr::null_mut());
     assert_eq!(pools::streamalloc_pool_release(0, 0, 998), 0);
     assert_eq!(pools::streamalloc_pool_release(0, 0, 998), invalid, "released already");
+}
+
+#[test]
+fn pool_block_recorded_on_the_capture_stream_from_a_forked_side_stream() {
+    let sim = setup();
+    let _ = sim.take_reports(); // other tests' findings are theirs
+    let s = sim.new_usage_stream(0).unwrap();
+    let side = sim.new_usage_stream(0).unwrap();
+    let (id0, id1) = (104, 0);
+    let sync_before = sim.sync_bytes(0);
+    // Safety: no filter: every stream of device 0 goes to the pool.
+    let r = unsafe {
+        pools::streamalloc_pool_begin_allocate_to(
+            0,
+            id0,
+            id1,
+            sptr(s.stream),
+            None,
+            std::ptr::null_mut(),
+            None,
+        )
+    };
+    assert_eq!(r, 0);
+    sim.begin_capture(s).unwrap();
+    let a = streamalloc_alloc(1 << 20, 0, sptr(s.stream));
+    sim.wait(side, s).unwrap(); // fork
+    let b = streamalloc_alloc(1 << 20, 0, sptr(side.stream));
+    assert_eq!((pool_of(a), pool_of(b)), (Some((id0, id1)), Some((id0, id1))));
+    sim.launch(side, &[dptr(a), dptr(b)]).unwrap();
+    assert_eq!(streamalloc_record_stream_on(b, sptr(s.stream), 0), 0, "{:?}", last_error());
+    sim.wait(s, side).unwrap(); // join
+    streamalloc_free(b, 0, 0, std::ptr::null_mut()); // held back: recorded, in a capture
+    streamalloc_free(a, 0, 0, std::ptr::null_mut());
+    assert_eq!(streamalloc_last_error_code(), 0, "{:?}", last_error());
+    let c = streamalloc_alloc(1 << 20, 0, sptr(side.stream));
+    assert_ne!(c, b, "not reused inside the capture");
+    streamalloc_free(c, 0, 0, std::ptr::null_mut());
+    sim.end_capture(s).unwrap();
+    assert_eq!(pools::streamalloc_pool_end_allocate_to(0, id0, id1), 0);
+    assert_eq!(pools::streamalloc_pool_release(0, id0, id1), 0);
+    assert_eq!(sim.sync_bytes(0), sync_before, "every block went back, the held one too");
+    sim.assert_clean();
 }

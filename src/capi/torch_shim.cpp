@@ -578,7 +578,8 @@ struct StreamallocAllocator
     info.config_metadata.pinned_use_host_register = false;
     info.config_metadata.graph_capture_record_stream_reuse = false;
     info.config_metadata.last_allocator_settings = "streamalloc";
-    // streamalloc has no private pools: every block is in the default pool {0, 0}.
+    // Private pools' blocks are not listed (DESIGN.md, "Private pools"): a snapshot of
+    // one is empty; the default pool {0, 0} lists the core's blocks.
     bool default_pool = mempool_id.first == 0 && mempool_id.second == 0;
     int devices = std::max(c10::cuda::device_count(), static_cast<c10::DeviceIndex>(1));
 
