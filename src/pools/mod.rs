@@ -445,8 +445,12 @@ impl<D: Driver> PrivatePools<D> {
         Ok((device, id))
     }
 
-    fn capturing(&self, stream: UsageStream) -> PoolResult<bool> {
-        Ok(self.driver.capture_status(stream)? != CaptureStatus::None)
+    /// Whether `stream` is being captured. A stream the driver will not answer for (the
+    /// legacy stream while another stream is captured in the global mode) counts as
+    /// capturing: then nothing goes back to the driver and no event is recorded, which
+    /// is safe either way.
+    fn capturing(&self, stream: UsageStream) -> bool {
+        self.driver.capture_status(stream) != Ok(CaptureStatus::None)
     }
 
     /// Whether a stream of `device` that an open context began on is being captured:
@@ -458,7 +462,7 @@ impl<D: Driver> PrivatePools<D> {
         let contexts = self.contexts.read().unwrap_or_else(|e| e.into_inner()).clone();
         contexts.iter().filter(|c| c.device == device).any(|c| {
             // A stream we cannot ask about counts as capturing: keeping memory is safe.
-            self.capturing(UsageStream::new(c.origin, device)).unwrap_or(true)
+            self.capturing(UsageStream::new(c.origin, device))
         })
     }
 
@@ -620,7 +624,7 @@ impl<D: Driver> PrivatePools<D> {
     ) -> PoolResult<DevicePtr> {
         let key = self.key(device, id)?;
         let us = UsageStream::new(stream, device);
-        let capturing = self.capturing(us)?;
+        let capturing = self.capturing(us);
         let mut books = self.lock();
         let pool = books.pools.get(&key).ok_or(PoolError::UnknownPool { device, id })?;
         if pool.use_count == 0 {
@@ -726,7 +730,7 @@ impl<D: Driver> PrivatePools<D> {
             let b = books.pools.get(&key).and_then(|p| p.blocks.get(&ptr));
             b.ok_or(PoolError::UnknownPointer { ptr })?.stream
         };
-        let capturing = self.capturing(UsageStream::new(stream, device))?;
+        let capturing = self.capturing(UsageStream::new(stream, device));
         let device_capturing = capturing || self.device_capturing(device);
         let mut books = self.lock();
         let pool = books.pools.get_mut(&key).ok_or(PoolError::UnknownPointer { ptr })?;
@@ -828,7 +832,7 @@ impl<D: Driver> PrivatePools<D> {
         if !waits.is_empty() {
             let streams: BTreeSet<Stream> = waits.iter().map(|w| w.1.stream).collect();
             for s in streams {
-                if self.capturing(UsageStream::new(s, device))? {
+                if self.capturing(UsageStream::new(s, device)) {
                     return Err(PoolError::CaptureUnderway { device });
                 }
             }
