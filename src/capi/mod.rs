@@ -8,6 +8,8 @@
 //!                                                        ▼
 //!                                    one global StreamAlloc<Arc<dyn Driver>>
 //!                                    (CudaDriver, Guarded contexts; or SimDriver)
+//!                                    beside it, PrivatePools over the same driver
+//!                                    (MemPool, CUDA graph pools: [`pools`])
 //! ```
 //!
 //! `streamalloc.h` beside this file documents every function for C callers.
