@@ -277,3 +277,46 @@ fn recorded_streams_are_waited_for_before_reuse() {
     assert_eq!(sim.sync_bytes(0), 0);
     sim.assert_clean();
 }
+
+#[test]
+fn threads_share_a_pool_and_every_byte_comes_back() {
+    let (sim, pools, _) = setup();
+    let pools = Arc::new(pools);
+    let start = free_memory(&sim);
+    let id = PoolId(0, 10);
+    pools.create_or_incref(0, id).unwrap();
+    let workers: Vec<_> = (0..4)
+        .map(|t| {
+            let (sim, pools) = (sim.clone(), pools.clone());
+            std::thread::spawn(move || {
+                let s = sim.new_stream(0).unwrap();
+                let mut live = Vec::new();
+                for i in 0..200usize {
+                    let size = 512 * (1 + (i * 7 + t) % 13);
+                    live.push(pools.alloc(0, id, size, s).unwrap());
+                    if i % 3 == 2 {
+                        let p = live.swap_remove((i * 5) % live.len());
+                        pools.free(p).unwrap();
+                    }
+                    if i % 50 == 0 {
+                        let cp = pools.checkpoint(0, id).unwrap();
+                        assert!(cp.blocks.iter().all(|b| b.size > 0));
+                    }
+                }
+                for p in live {
+                    pools.free(p).unwrap();
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().unwrap();
+    }
+    let st = pools.stats(0, id).unwrap();
+    assert_eq!((st.live_blocks, st.live_bytes), (0, 0));
+    assert!(pools.check_live(0, id, &[]).unwrap());
+    assert_eq!(pools.release(0, id).unwrap(), 0);
+    assert_eq!(free_memory(&sim), start);
+    assert!(!pools.has_blocks());
+    sim.assert_clean();
+}
