@@ -247,7 +247,7 @@ int streamalloc_set_warning_handler(streamalloc_warning_fn handler, void* user);
  * the relaxed capture mode, so never CUDA graph memory nodes), each its own allocation,
  * handed out again by address on the stream they were allocated on; they go back to
  * the driver when the pool's use count is 0 (free blocks at once, live ones when freed),
- * or at streamalloc_empty_cache, never while a capture runs on the device. Their bytes
+ * or at streamalloc_empty_cache, never while a capture runs (any device). Their bytes
  * count in the ABI's allocated statistics and in reserved_current. streamalloc_free,
  * streamalloc_record_stream(_on) and streamalloc_base_alloc (base pointers) accept pool
  * blocks. Errors: code 2 for a bad device, pool (0, 0), an unknown pool (message "no

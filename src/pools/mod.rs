@@ -19,7 +19,7 @@
 //! the same pool, and a checkpoint brings blocks back at the addresses the graphs baked
 //! in), so pool blocks come from [`Driver::malloc_sync`] (`cuMemAlloc`, allowed during a
 //! capture in the relaxed mode, as PyTorch's own allocator does it) and are returned with
-//! [`Driver::free_sync`] only when no stream of the device is being captured.
+//! [`Driver::free_sync`] only when no stream an open context began on is being captured.
 //!
 //! Semantics (PyTorch's native allocator's, `c10/cuda/CUDACachingAllocator.cpp`,
 //! `PrivatePool`, unless said):
@@ -314,17 +314,17 @@ impl<D: Driver> PrivatePools<D> {
         self.driver.capture_status(stream) != Ok(CaptureStatus::None)
     }
 
-    /// Whether a stream of `device` that an open context began on is being captured:
-    /// then no block is returned to the driver (`cuMemFree` is refused in a capture).
-    fn device_capturing(&self, device: Device) -> bool {
+    /// Whether a stream that an open context began on, on any device, is being
+    /// captured: then no block is returned to the driver (`cuMemFree` is refused during a
+    /// capture, and in CUDA's global capture mode it would invalidate a capture of any
+    /// thread and device).
+    fn any_capturing(&self) -> bool {
         if self.open.load(Ordering::Acquire) == 0 {
             return false;
         }
         let contexts = self.contexts.read().unwrap_or_else(|e| e.into_inner()).clone();
-        contexts.iter().filter(|c| c.device == device).any(|c| {
-            // A stream we cannot ask about counts as capturing: keeping memory is safe.
-            self.capturing(UsageStream::new(c.origin, device))
-        })
+        // A stream we cannot ask about counts as capturing: keeping memory is safe.
+        contexts.iter().any(|c| self.capturing(UsageStream::new(c.origin, c.device)))
     }
 
     // ----- use counts -----
@@ -345,11 +345,11 @@ impl<D: Driver> PrivatePools<D> {
     }
 
     /// Takes a user away (`releasePool`); returns the new count. At 0 the free blocks go
-    /// back to the driver (unless a capture runs on the device: then at
+    /// back to the driver (unless a capture runs: then at
     /// [`PrivatePools::empty_cache`]), and the pool is forgotten once it has no block.
     pub fn release(&self, device: Device, id: PoolId) -> PoolResult<u32> {
         let key = self.key(device, id)?;
-        let capturing = self.device_capturing(device);
+        let capturing = self.any_capturing();
         let mut books = self.lock();
         let pool = books.pools.get_mut(&key).ok_or(PoolError::UnknownPool { device, id })?;
         if pool.use_count == 0 {
@@ -389,17 +389,14 @@ impl<D: Driver> PrivatePools<D> {
 
     /// Returns to the driver the free blocks of every pool that has no users (PyTorch's
     /// `emptyCache` releases those of "freeable" private pools). Nothing while a capture
-    /// runs on the device.
+    /// runs.
     pub fn empty_cache(&self) -> PoolResult<()> {
-        let capturing: Vec<bool> =
-            (0..self.device_count).map(|d| self.device_capturing(d)).collect();
+        if self.any_capturing() {
+            return Ok(());
+        }
         let mut books = self.lock();
-        let dead: Vec<Key> = books
-            .pools
-            .iter()
-            .filter(|(k, p)| p.use_count == 0 && !capturing[k.0])
-            .map(|(k, _)| *k)
-            .collect();
+        let dead: Vec<Key> =
+            books.pools.iter().filter(|(_, p)| p.use_count == 0).map(|(k, _)| *k).collect();
         for key in dead {
             self.return_free_blocks(&mut books, key)?;
         }
@@ -592,7 +589,7 @@ impl<D: Driver> PrivatePools<D> {
             b.ok_or(PoolError::UnknownPointer { ptr })?.stream
         };
         let capturing = self.capturing(UsageStream::new(stream, device));
-        let device_capturing = capturing || self.device_capturing(device);
+        let any_capturing = capturing || self.any_capturing();
         let mut books = self.lock();
         let pool = books.pools.get_mut(&key).ok_or(PoolError::UnknownPointer { ptr })?;
         let b = pool.blocks.get_mut(&ptr).ok_or(PoolError::UnknownPointer { ptr })?;
@@ -617,7 +614,7 @@ impl<D: Driver> PrivatePools<D> {
         let size = b.size;
         self.driver.note_cached(device, ptr, size, stream);
         pool.free.insert((stream, size, ptr));
-        if pool.use_count == 0 && !device_capturing {
+        if pool.use_count == 0 && !any_capturing {
             self.return_free_blocks(&mut books, key)?;
         }
         Ok(())
