@@ -867,3 +867,122 @@ fn pool_block_recorded_on_the_capture_stream_from_a_forked_side_stream() {
     assert_eq!(sim.sync_bytes(0), sync_before, "every block went back, the held one too");
     sim.assert_clean();
 }
+
+/// The C ABI calls of a graph tree (`torch/_inductor/cudagraph_trees.py`): a pool kept
+/// alive by an empty capture, a warm-up context, a recording, a checkpoint, and a
+/// restore before the next recording with a warm-up output dead since.
+#[test]
+fn graph_tree_sequence() {
+    let sim = setup();
+    let _ = sim.take_reports(); // other tests' findings are theirs
+    let s = sim.new_usage_stream(0).unwrap();
+    let (d, id0, id1) = (0, 0, 105);
+    let sync_before = sim.sync_bytes(0);
+    let begin = |filtered: bool| {
+        let (f, ctx): (pools::StreamallocStreamFilter, *mut c_void) = if filtered {
+            (Some(only_stream), sptr(s.stream))
+        } else {
+            (None, std::ptr::null_mut())
+        };
+        // Safety: only_stream never unwinds and reads no context memory.
+        let r = unsafe {
+            pools::streamalloc_pool_begin_allocate_to(d, id0, id1, sptr(s.stream), f, ctx, None)
+        };
+        assert_eq!(r, 0, "{:?}", last_error());
+    };
+    let end = || assert_eq!(pools::streamalloc_pool_end_allocate_to(d, id0, id1), 0);
+    let live = |ptrs: &[*mut c_void]| {
+        let mut same = -1;
+        // Safety: ptrs is a live slice; same is valid.
+        let r = unsafe {
+            pools::streamalloc_pool_check_live(d, id0, id1, ptrs.as_ptr(), ptrs.len(), &mut same)
+        };
+        assert_eq!(r, 0);
+        same == 1
+    };
+    // "Keeps Memory Pool Alive": an empty capture into the pool.
+    begin(true);
+    sim.begin_capture(s).unwrap();
+    sim.end_capture(s).unwrap();
+    end();
+    assert_eq!(pools::streamalloc_pool_use_count(d, id0, id1), 1);
+    // Warm-up (_use_cuda_memory_pool_manager): the thread's allocations, no capture.
+    begin(false);
+    let x = streamalloc_alloc(4096, d, sptr(s.stream)); // a static input
+    let w = streamalloc_alloc(8192, d, sptr(s.stream)); // the warm-up's output
+    let t = streamalloc_alloc(8192, d, sptr(s.stream));
+    sim.launch(s, &[dptr(x), dptr(w), dptr(t)]).unwrap();
+    streamalloc_free(t, 0, 0, std::ptr::null_mut());
+    end();
+    assert_eq!(pools::streamalloc_pool_release(d, id0, id1), 0);
+    // Recording: the graph's allocations in the capture.
+    begin(true);
+    sim.begin_capture(s).unwrap();
+    let tmp = streamalloc_alloc(8192, d, sptr(s.stream));
+    assert_eq!(tmp, t, "a block freed on the stream is reused by address");
+    let o1 = streamalloc_alloc(4096, d, sptr(s.stream));
+    sim.launch(s, &[dptr(x), dptr(tmp), dptr(o1)]).unwrap();
+    streamalloc_free(tmp, 0, 0, std::ptr::null_mut());
+    let graph = sim.end_capture(s).unwrap();
+    end();
+    assert_eq!(graph.allocations, 0);
+    let mut count = 0usize;
+    let mut cp = vec![
+        pools::StreamallocPoolBlock {
+            ptr: std::ptr::null_mut(),
+            size: 0,
+            stream: std::ptr::null_mut()
+        };
+        8
+    ];
+    // Safety: cp holds 8 blocks; count is valid.
+    let r = unsafe {
+        pools::streamalloc_pool_checkpoint(d, id0, id1, cp.as_mut_ptr(), cp.len(), &mut count)
+    };
+    assert_eq!((r, count), (0, 3));
+    cp.truncate(count);
+    assert!(live(&[x, w, o1]));
+    // The warm-up output dies; graph trees later free the checkpoint's dead blocks.
+    streamalloc_free(w, 0, 0, std::ptr::null_mut());
+    let o_extra = pools::streamalloc_pool_alloc(d, id0, id1, 4096, sptr(s.stream));
+    assert!(live(&[x, o1, o_extra]));
+    // Before the next recording: the checkpoint's state, then raw_delete of the dead.
+    // Safety: cp holds count blocks; no callback.
+    let r = unsafe {
+        pools::streamalloc_pool_restore(
+            d,
+            id0,
+            id1,
+            cp.as_ptr(),
+            cp.len(),
+            None,
+            std::ptr::null_mut(),
+        )
+    };
+    assert_eq!(r, 0, "{:?}", last_error());
+    assert!(live(&[x, w, o1]));
+    streamalloc_free(w, 0, 0, std::ptr::null_mut());
+    assert_eq!(streamalloc_last_error_code(), 0, "{:?}", last_error());
+    assert!(live(&[x, o1]));
+    // The next recording may use w's and o_extra's blocks again.
+    begin(true);
+    sim.begin_capture(s).unwrap();
+    let o2 = streamalloc_alloc(8192, d, sptr(s.stream));
+    assert_eq!(o2, w);
+    sim.launch(s, &[dptr(o1), dptr(o2)]).unwrap();
+    sim.end_capture(s).unwrap();
+    end();
+    // The tree goes away: its outputs die, each graph (the keep-alive one and the two
+    // recordings: every capture added a user) releases the pool.
+    for p in [x, o1, o2] {
+        streamalloc_free(p, 0, 0, std::ptr::null_mut());
+        assert_eq!(streamalloc_last_error_code(), 0, "{:?}", last_error());
+    }
+    assert_eq!(pools::streamalloc_pool_use_count(d, id0, id1), 3);
+    for _ in 0..3 {
+        assert_eq!(pools::streamalloc_pool_release(d, id0, id1), 0);
+    }
+    assert_eq!(pools::streamalloc_pool_use_count(d, id0, id1), 0);
+    assert_eq!(sim.sync_bytes(0), sync_before);
+    sim.assert_clean();
+}
