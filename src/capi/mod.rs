@@ -536,9 +536,9 @@ pub unsafe extern "C" fn streamalloc_base_alloc(ptr: *mut c_void, size: *mut usi
         let (base, bytes) = match g.alloc.base_allocation(dptr(ptr)) {
             Ok(v) => v,
             Err(e) => match g.pools.owner_of(dptr(ptr)) {
-                // A private pool's block: its own allocation (base pointers only).
-                Some((_, _, size)) => (dptr(ptr), size as u64),
-                None => return Err(e.into()),
+                // A live private-pool block: its own allocation (base pointers only).
+                Some((_, _, size)) if size > 0 => (dptr(ptr), size as u64),
+                _ => return Err(e.into()),
             },
         };
         if !size.is_null() {

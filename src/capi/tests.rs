@@ -986,3 +986,34 @@ fn graph_tree_sequence() {
     assert_eq!(sim.sync_bytes(0), sync_before);
     sim.assert_clean();
 }
+
+#[test]
+fn base_alloc_and_record_stream_know_pool_blocks() {
+    let sim = setup();
+    let _ = sim.take_reports(); // other tests' findings are theirs
+    let s = sim.new_usage_stream(0).unwrap();
+    let other = sim.new_usage_stream(0).unwrap();
+    let (id0, id1) = (0, 106);
+    assert_eq!(pools::streamalloc_pool_create_or_incref(0, id0, id1), 0);
+    let p = pools::streamalloc_pool_alloc(0, id0, id1, 3000, sptr(s.stream));
+    let mut size = 0usize;
+    // Safety: size is a valid usize.
+    assert_eq!(unsafe { streamalloc_base_alloc(p, &mut size) }, p);
+    assert_eq!(size, 3000);
+    sim.launch(other, &[dptr(p)]).unwrap();
+    streamalloc_record_stream(p, sptr(other.stream));
+    assert_eq!(streamalloc_last_error_code(), 0, "{:?}", last_error());
+    streamalloc_free(p, 0, 0, std::ptr::null_mut());
+    // Freed: base_alloc and record_stream refuse it; the reuse waits for `other`.
+    // Safety: as above.
+    assert!(unsafe { streamalloc_base_alloc(p, &mut size) }.is_null());
+    assert_eq!(
+        streamalloc_record_stream_on(p, sptr(other.stream), 0),
+        ErrorCode::InvalidArgument as c_int
+    );
+    assert_eq!(pools::streamalloc_pool_alloc(0, id0, id1, 3000, sptr(s.stream)), p);
+    assert!(sim.happens_before(other, s));
+    streamalloc_free(p, 0, 0, std::ptr::null_mut());
+    assert_eq!(pools::streamalloc_pool_release(0, id0, id1), 0);
+    sim.assert_clean();
+}

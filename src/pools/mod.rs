@@ -546,8 +546,8 @@ impl<D: Driver> PrivatePools<D> {
         Ok(ptr)
     }
 
-    /// The pool of a block: `(device, id, requested size)`, or `None` for a pointer no
-    /// pool has. One map lookup.
+    /// The pool of a block: `(device, id, requested size)` (size 0 while the block is
+    /// free in its pool), or `None` for a pointer no pool has. One map lookup.
     pub fn owner_of(&self, ptr: DevicePtr) -> Option<(Device, PoolId, usize)> {
         let books = self.lock();
         let key = *books.owner.get(&ptr)?;
