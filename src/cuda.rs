@@ -1016,6 +1016,40 @@ impl Driver for CudaDriver {
         check("cuMemFreeAsync", unsafe { sys::cuMemFreeAsync(ptr.as_raw(), s) })
     }
 
+    /// `cuMemAlloc` with the thread in the relaxed capture mode for the call (as
+    /// PyTorch's `cudaMallocMaybeCapturing`): a capture in the global or thread-local
+    /// mode would otherwise refuse it. The allocation is not a graph node.
+    fn malloc_sync(&self, device: Device, size: usize) -> DriverResult<DevicePtr> {
+        let _g = self.bind(device)?;
+        let mut mode = sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED;
+        // Safety: valid in-out pointer to a capture mode; the thread's previous mode is
+        // written back to `mode` and restored below.
+        check("cuThreadExchangeStreamCaptureMode", unsafe {
+            sys::cuThreadExchangeStreamCaptureMode(&mut mode)
+        })?;
+        let mut ptr: sys::CUdeviceptr = 0;
+        // Safety: context bound; valid out-pointer.
+        let r = check("cuMemAlloc", unsafe { sys::cuMemAlloc_v2(&mut ptr, size) });
+        // Safety: `mode` holds the thread's previous mode (from the exchange above).
+        let restored = check("cuThreadExchangeStreamCaptureMode", unsafe {
+            sys::cuThreadExchangeStreamCaptureMode(&mut mode)
+        });
+        r?;
+        if let Err(e) = restored {
+            // Safety: `ptr` was just allocated by cuMemAlloc and is not handed out.
+            let _ = unsafe { sys::cuMemFree_v2(ptr) };
+            return Err(e);
+        }
+        Ok(DevicePtr::from_raw(ptr))
+    }
+
+    fn free_sync(&self, device: Device, ptr: DevicePtr, _size: usize) -> DriverResult<()> {
+        let _g = self.bind(device)?;
+        // Safety: context bound; the driver rejects a pointer that cuMemAlloc did not
+        // make; the caller (the private pools) frees only blocks no longer handed out.
+        check("cuMemFree", unsafe { sys::cuMemFree_v2(ptr.as_raw()) })
+    }
+
     fn mem_get_info(&self, device: Device) -> DriverResult<MemInfo> {
         let _g = self.bind(device)?;
         let (mut free, mut total) = (0usize, 0usize);

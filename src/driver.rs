@@ -7,7 +7,7 @@
 //! primary context on the calling thread first, so the null stream and pool calls mean
 //! what the caller meant.
 
-use crate::error::DriverError;
+use crate::error::{CUDA_ERROR_NOT_SUPPORTED, DriverError};
 use crate::types::{
     CaptureStatus, Device, DevicePtr, Event, MemInfo, PoolAttribute, Stream, UsageStream,
 };
@@ -53,6 +53,25 @@ pub trait Driver: Send + Sync + 'static {
         size: usize,
         stream: Stream,
     ) -> DriverResult<()>;
+
+    /// `cuMemAlloc`: `size` bytes on `device` outside the stream-ordered pool, for
+    /// memory that must keep its address across a CUDA graph capture (the private pools
+    /// of [`crate::pools`]). Allowed while a stream is being captured (the CUDA backend
+    /// switches the thread to the relaxed capture mode for the call): the allocation is
+    /// not a graph node and the graph may use it at once. The default refuses
+    /// (`CUDA_ERROR_NOT_SUPPORTED`), for drivers without synchronous memory.
+    fn malloc_sync(&self, device: Device, size: usize) -> DriverResult<DevicePtr> {
+        let _ = (device, size);
+        Err(DriverError::new("cuMemAlloc", CUDA_ERROR_NOT_SUPPORTED, "CUDA_ERROR_NOT_SUPPORTED"))
+    }
+
+    /// `cuMemFree` of a block from [`Driver::malloc_sync`]. Synchronizes the device, so
+    /// every use has completed; must not be called while a stream of the device is
+    /// being captured (CUDA refuses it there).
+    fn free_sync(&self, device: Device, ptr: DevicePtr, size: usize) -> DriverResult<()> {
+        let _ = (device, ptr, size);
+        Err(DriverError::new("cuMemFree", CUDA_ERROR_NOT_SUPPORTED, "CUDA_ERROR_NOT_SUPPORTED"))
+    }
 
     /// `cuMemGetInfo` for the device.
     fn mem_get_info(&self, device: Device) -> DriverResult<MemInfo>;
@@ -187,6 +206,12 @@ impl<T: Driver + ?Sized> Driver for std::sync::Arc<T> {
         stream: Stream,
     ) -> DriverResult<()> {
         (**self).free_async(device, ptr, size, stream)
+    }
+    fn malloc_sync(&self, device: Device, size: usize) -> DriverResult<DevicePtr> {
+        (**self).malloc_sync(device, size)
+    }
+    fn free_sync(&self, device: Device, ptr: DevicePtr, size: usize) -> DriverResult<()> {
+        (**self).free_sync(device, ptr, size)
     }
     fn mem_get_info(&self, device: Device) -> DriverResult<MemInfo> {
         (**self).mem_get_info(device)

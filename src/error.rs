@@ -28,6 +28,8 @@ pub const CUDA_ERROR_STREAM_CAPTURE_UNJOINED: i32 = 904;
 pub const CUDA_ERROR_NOT_FOUND: i32 = 500;
 /// CUDA's `CUDA_ERROR_NO_DEVICE`.
 pub const CUDA_ERROR_NO_DEVICE: i32 = 100;
+/// CUDA's `CUDA_ERROR_NOT_SUPPORTED` (an operation a driver does not offer).
+pub const CUDA_ERROR_NOT_SUPPORTED: i32 = 801;
 /// CUDA's `CUDA_ERROR_UNKNOWN`.
 pub const CUDA_ERROR_UNKNOWN: i32 = 999;
 

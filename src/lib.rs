@@ -14,6 +14,7 @@ pub mod history;
 #[cfg(feature = "cuda")]
 pub mod interop;
 pub mod owned;
+pub mod pools;
 pub mod sim;
 pub mod types;
 

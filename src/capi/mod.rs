@@ -8,6 +8,8 @@
 //!                                                        ▼
 //!                                    one global StreamAlloc<Arc<dyn Driver>>
 //!                                    (CudaDriver, Guarded contexts; or SimDriver)
+//!                                    beside it, PrivatePools over the same driver
+//!                                    (MemPool, CUDA graph pools: [`pools`])
 //! ```
 //!
 //! `streamalloc.h` beside this file documents every function for C callers.
@@ -63,6 +65,7 @@ pub use stats::{
 pub use warnings::{WarningHandler, streamalloc_set_warning_handler};
 
 pub mod history;
+pub mod pools;
 #[cfg(test)]
 mod tests;
 
@@ -256,6 +259,8 @@ fn last_error_code() -> ErrorCode {
 /// The process-wide allocator, the name of its backend, and the ABI's statistics.
 pub(crate) struct Global {
     pub(crate) alloc: StreamAlloc<Arc<dyn Driver>>,
+    /// Private pools (PyTorch's `MemPool`, CUDA graph pools), on the same driver.
+    pub(crate) pools: crate::pools::PrivatePools<Arc<dyn Driver>>,
     backend: &'static CStr,
     counters: stats::DeviceCounters,
 }
@@ -329,6 +334,7 @@ impl Global {
         let available = driver.device_count().unwrap_or(requested).min(MAX_DEVICES);
         let n = if requested == 0 || requested > available { available } else { requested };
         Global {
+            pools: crate::pools::PrivatePools::new(driver.clone(), n),
             alloc: StreamAlloc::with_config(driver, n, cache),
             backend,
             counters: stats::DeviceCounters::new(n),
@@ -425,6 +431,11 @@ pub unsafe extern "C" fn streamalloc_alloc(
         let g = global()?;
         let a = &g.alloc;
         let d = self::device(a, device)?;
+        if g.pools.routing()
+            && let Some(p) = pools::routed_alloc(g, d, size, self::stream(stream))?
+        {
+            return Ok(p);
+        }
         let r = a.malloc(d, size, self::stream(stream));
         if tracing() {
             let cap = a.capture_underway();
@@ -463,20 +474,25 @@ pub extern "C" fn streamalloc_free(
         }
         let g = global()?;
         let a = &g.alloc;
+        if g.pools.routing() {
+            pools::sync_core_capture(g);
+        }
         let what = if tracing() { describe(a, dptr(ptr)) } else { String::new() };
-        let r = a.device_of(dptr(ptr)).and_then(|(d, size)| {
-            a.free(dptr(ptr))?;
-            g.counters.get(d).on_free(size);
-            Ok(())
-        });
+        let r: Result<(), Failure> = match a.device_of(dptr(ptr)) {
+            Ok((d, size)) => a.free(dptr(ptr)).map_err(Failure::from).map(|()| {
+                g.counters.get(d).on_free(size);
+            }),
+            // Not the core's: a private pool's block, or the core's error.
+            Err(e) => pools::pool_free(g, dptr(ptr)).unwrap_or(Err(e.into())),
+        };
         if tracing() {
             let cap = a.capture_underway();
             eprintln!("streamalloc trace: free {ptr:?} ({what}) capture {cap}: {r:?}");
         }
         if let Err(e) = &r {
-            log::warn!("streamalloc_free({ptr:?}): {e}");
+            log::warn!("streamalloc_free({ptr:?}): {}", e.message);
         }
-        Ok(r?)
+        r
     })
 }
 
@@ -524,7 +540,15 @@ pub extern "C" fn streamalloc_set_memory_fraction(fraction: c_double, device: c_
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn streamalloc_base_alloc(ptr: *mut c_void, size: *mut usize) -> *mut c_void {
     boundary(std::ptr::null_mut(), || {
-        let (base, bytes) = alloc()?.base_allocation(dptr(ptr))?;
+        let g = global()?;
+        let (base, bytes) = match g.alloc.base_allocation(dptr(ptr)) {
+            Ok(v) => v,
+            Err(e) => match g.pools.owner_of(dptr(ptr)) {
+                // A live private-pool block: its own allocation (base pointers only).
+                Some((_, _, size)) if size > 0 => (dptr(ptr), size as u64),
+                _ => return Err(e.into()),
+            },
+        };
         if !size.is_null() {
             // Safety: the caller passes null or a pointer valid for one size_t write.
             unsafe { size.write(bytes as usize) };
@@ -547,9 +571,19 @@ pub unsafe extern "C" fn streamalloc_record_stream(ptr: *mut c_void, stream: Cud
         if ptr.is_null() {
             return Ok(());
         }
-        let a = alloc()?;
-        let (d, _) = a.device_of(dptr(ptr))?;
-        Ok(a.record_stream(dptr(ptr), UsageStream::new(self::stream(stream), d))?)
+        let g = global()?;
+        let a = &g.alloc;
+        match a.device_of(dptr(ptr)) {
+            Ok((d, _)) => {
+                Ok(a.record_stream(dptr(ptr), UsageStream::new(self::stream(stream), d))?)
+            }
+            Err(e) => match g.pools.owner_of(dptr(ptr)) {
+                Some((d, _, _)) => Ok(g
+                    .pools
+                    .record_stream(dptr(ptr), UsageStream::new(self::stream(stream), d))?),
+                None => Err(e.into()),
+            },
+        }
     })
 }
 
@@ -566,13 +600,21 @@ pub unsafe extern "C" fn streamalloc_record_stream_on(
     stream_device: c_int,
 ) -> c_int {
     status(|| {
-        let a = alloc()?;
+        let g = global()?;
+        let a = &g.alloc;
         let d = self::device(a, stream_device)?;
-        let r = a.record_stream(dptr(ptr), UsageStream::new(self::stream(stream), d));
+        let us = UsageStream::new(self::stream(stream), d);
+        let r: Result<(), Failure> = match a.record_stream(dptr(ptr), us) {
+            // Not the core's: a private pool's block, or the core's error.
+            Err(_) if pools::is_pool_block(g, dptr(ptr)) => {
+                g.pools.record_stream(dptr(ptr), us).map_err(Failure::from)
+            }
+            r => r.map_err(Failure::from),
+        };
         if tracing() {
             eprintln!("streamalloc trace: record_stream {ptr:?} stream {stream:?} dev {d}: {r:?}");
         }
-        Ok(r?)
+        r
     })
 }
 
@@ -615,7 +657,11 @@ pub extern "C" fn streamalloc_reset_peak_stats(device: c_int) -> c_int {
 /// Returns the status code.
 #[unsafe(no_mangle)]
 pub extern "C" fn streamalloc_empty_cache() -> c_int {
-    status(|| Ok(alloc()?.empty_cache()?))
+    status(|| {
+        let g = global()?;
+        g.alloc.empty_cache()?;
+        Ok(g.pools.empty_cache()?)
+    })
 }
 
 /// A capture begins on `device` (S14): one at a time. Returns the status code.

@@ -208,7 +208,10 @@ pub unsafe extern "C" fn streamalloc_device_memory_stats(
         let d = super::device(&g.alloc, device)?;
         let reading = g.counters.get(d).read();
         let pool = crate::StreamOrderedAllocator::device_stats(&g.alloc, d)?;
-        let stats = StreamallocMemoryStats::new(reading, &pool);
+        let mut stats = StreamallocMemoryStats::new(reading, &pool);
+        // Private pools' blocks are the driver's synchronous memory, outside its pool.
+        stats.reserved_current += g.pools.reserved_bytes(d);
+        stats.reserved_peak = stats.reserved_peak.max(stats.reserved_current);
         let n = out_size.min(std::mem::size_of::<StreamallocMemoryStats>());
         // Safety: out is not null and valid for out_size >= n bytes (caller); `stats`
         // is a plain repr(C) value on our stack, not overlapping it.

@@ -240,6 +240,92 @@ typedef void (*streamalloc_warning_fn)(int level, const char* message, void* use
  * NULL. Code 2 if the process already had a Rust `log` logger (it keeps them). */
 int streamalloc_set_warning_handler(streamalloc_warning_fn handler, void* user);
 
+/* ---- private pools: torch.cuda.MemPool, CUDA graph pools (graph trees) ----
+ *
+ * A pool is named by (device, id0, id1), PyTorch's MempoolId_t; (0, 0), the default
+ * pool, is refused. Pool blocks are synchronous driver allocations (cuMemAlloc, made in
+ * the relaxed capture mode, so never CUDA graph memory nodes), each its own allocation,
+ * handed out again by address on the stream they were allocated on; they go back to
+ * the driver when the pool's use count is 0 (free blocks at once, live ones when freed),
+ * or at streamalloc_empty_cache, never while a capture runs (any device). Their bytes
+ * count in the ABI's allocated statistics and in reserved_current. streamalloc_free,
+ * streamalloc_record_stream(_on) and streamalloc_base_alloc (base pointers) accept pool
+ * blocks. Errors: code 2 for a bad device, pool (0, 0), an unknown pool (message "no
+ * private pool (id0, id1) on device d"), a pool released by every user, a pointer not in
+ * the pool, a checkpoint that does not fit the pool, a NULL output; 1 out of memory; 3
+ * a driver failure; 4 a restore during a capture with recorded streams still to wait
+ * for. A refused call changes nothing. */
+
+/* A stream filter: nonzero when an allocation on stream goes to the pool. Called from
+ * the allocating thread; must not throw or call streamalloc. */
+typedef int (*streamalloc_stream_filter)(void* ctx, cudaStream_t stream);
+/* One live block of a checkpoint. */
+typedef struct streamalloc_pool_block {
+  void* ptr;           /* its address */
+  size_t size;         /* the requested size */
+  cudaStream_t stream; /* the stream it was allocated on */
+} streamalloc_pool_block;
+/* A pool's figures (streamalloc_pool_get_stats). */
+typedef struct streamalloc_pool_stats {
+  uint64_t use_count;      /* the pool's users */
+  uint64_t live_blocks;    /* blocks handed out now */
+  uint64_t live_bytes;     /* requested bytes of the live blocks */
+  uint64_t reserved_bytes; /* bytes the pool holds from the driver */
+} streamalloc_pool_stats;
+/* Releases a filter's context once the pools no longer use it. */
+typedef void (*streamalloc_filter_drop_fn)(void* ctx);
+/* Called once per block a restore freed; must not throw or call streamalloc. */
+typedef void (*streamalloc_freed_fn)(void* ctx, void* ptr, size_t size);
+
+/* Makes the pool (use count 1) or adds a user (createOrIncrefPool). Status code. */
+int streamalloc_pool_create_or_incref(int device, uint64_t id0, uint64_t id1);
+/* Takes a user away (releasePool); code 2 for an unknown pool or one at 0 already. */
+int streamalloc_pool_release(int device, uint64_t id0, uint64_t id1);
+/* The pool's use count (getPoolUseCount): 0 for a pool that does not exist; -1 on
+ * error (bad device, pool (0, 0)). */
+int64_t streamalloc_pool_use_count(int device, uint64_t id0, uint64_t id1);
+/* Fills *out with the pool's figures. Status code (2 for an unknown pool). */
+int streamalloc_pool_get_stats(int device, uint64_t id0, uint64_t id1, streamalloc_pool_stats* out);
+/* Opens an allocate-to context (beginAllocateToPool): adds a user to the pool (making
+ * it if needed); until streamalloc_pool_end_allocate_to, streamalloc_alloc on device
+ * with a stream that filter(filter_ctx, stream) accepts (every stream: NULL filter)
+ * allocates from the pool, the newest context first. origin is the caller's current
+ * stream: while a context is open, each streamalloc_alloc / streamalloc_free asks the
+ * driver whether origin is being captured, and the first that sees it begins the
+ * allocator's capture on it (as streamalloc_begin_capture_on). One context per pool:
+ * a second is code 2. filter(filter_ctx, ...) must stay callable until
+ * filter_drop(filter_ctx) is called (once, when the filter is no longer used: after the
+ * context closes, or at once if this call is refused; NULL: not called). */
+int streamalloc_pool_begin_allocate_to(int device, uint64_t id0, uint64_t id1,
+                                       cudaStream_t origin, streamalloc_stream_filter filter,
+                                       void* filter_ctx, streamalloc_filter_drop_fn filter_drop);
+/* Closes the context (endAllocateToPool) and ends the allocator's capture if it began
+ * one; the user it added stays until streamalloc_pool_release. No context: code 2. */
+int streamalloc_pool_end_allocate_to(int device, uint64_t id0, uint64_t id1);
+/* Allocates size bytes from the pool on stream, whatever the contexts. NULL on failure
+ * (last error set) and for size 0. Free it with streamalloc_free. */
+void* streamalloc_pool_alloc(int device, uint64_t id0, uint64_t id1, size_t size,
+                             cudaStream_t stream);
+/* The pool's live blocks (getCheckpointState): writes at most capacity of them to out
+ * and their number to *count (call again with a larger buffer if *count > capacity).
+ * Status code. */
+int streamalloc_pool_checkpoint(int device, uint64_t id0, uint64_t id1,
+                                streamalloc_pool_block* out, size_t capacity, size_t* count);
+/* Makes the pool's live set the n blocks (setCheckpointPoolState): every block live now
+ * is freed (on_freed(ctx, ptr, size) is called for each, after the change), every block
+ * of the checkpoint is live again at its address, on its stream. A block the pool does
+ * not have (any more) or one too small: code 2, nothing changed. */
+int streamalloc_pool_restore(int device, uint64_t id0, uint64_t id1,
+                             const streamalloc_pool_block* blocks, size_t n,
+                             streamalloc_freed_fn on_freed, void* ctx);
+/* Writes 1 to *out when the pool's live blocks are exactly the n pointers (order and
+ * duplicates aside) of ptrs (checkPoolLiveAllocations), else 0. Status code. */
+int streamalloc_pool_check_live(int device, uint64_t id0, uint64_t id1, void* const* ptrs,
+                                size_t n, int* out);
+/* The pool of ptr: writes its ids and returns 1; 0 when no pool has ptr (no error); -1
+ * for NULL outputs. */
+int streamalloc_pool_of(void* ptr, uint64_t* id0, uint64_t* id1);
+
 #ifdef __cplusplus
 }
 #endif

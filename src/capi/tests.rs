@@ -477,7 +477,7 @@ fn memory_stats_count_exactly() {
     let before = memory_stats(0);
     let a = streamalloc_alloc(3 << 20, 0, std::ptr::null_mut());
     let b = streamalloc_alloc(5 << 20, 0, std::ptr::null_mut());
-    assert!(!a.is_null() && !b.is_null());
+    assert!(!a.is_null() && !b.is_null(), "{:?}", last_error());
     let mid = memory_stats(0);
     assert!(mid.allocated_current >= before.allocated_current + (8 << 20) - (1 << 20));
     assert!(mid.allocated_peak >= mid.allocated_current, "{mid:?}");
@@ -606,4 +606,451 @@ fn warnings_reach_the_registered_handler() {
             && *user == 0x5eed),
         "{got:?}"
     );
+}
+
+// ----- private pools -----
+
+fn sptr(s: Stream) -> CudaStream {
+    s.as_raw() as *mut c_void
+}
+
+fn pool_of(p: *mut c_void) -> Option<(u64, u64)> {
+    let (mut a, mut b) = (0u64, 0u64);
+    // Safety: both outputs are valid u64s.
+    match unsafe { pools::streamalloc_pool_of(p, &mut a, &mut b) } {
+        1 => Some((a, b)),
+        _ => None,
+    }
+}
+
+#[test]
+fn mem_pool_use_routes_allocations_and_release_returns_memory() {
+    let sim = setup();
+    let _ = sim.take_reports(); // other tests' findings are theirs
+    let s = sim.new_stream(0).unwrap();
+    let (id0, id1) = (0, 101);
+    let sync_before = sim.sync_bytes(0);
+    let async_before = sim.call_count(crate::sim::SimOp::MallocAsync);
+    // torch.cuda.MemPool(): one user.
+    assert_eq!(pools::streamalloc_pool_create_or_incref(0, id0, id1), 0);
+    assert_eq!(pools::streamalloc_pool_use_count(0, id0, id1), 1);
+    // use_mem_pool: begin (a user more), allocate, end, release.
+    // Safety: no filter.
+    let r = unsafe {
+        pools::streamalloc_pool_begin_allocate_to(
+            0,
+            id0,
+            id1,
+            sptr(s),
+            None,
+            std::ptr::null_mut(),
+            None,
+        )
+    };
+    assert_eq!(r, 0, "{:?}", last_error());
+    assert_eq!(pools::streamalloc_pool_use_count(0, id0, id1), 2);
+    let x = streamalloc_alloc(1 << 20, 0, sptr(s));
+    let on_device_1 = streamalloc_alloc(4096, 1, std::ptr::null_mut());
+    assert_eq!(pools::streamalloc_pool_end_allocate_to(0, id0, id1), 0);
+    assert_eq!(pools::streamalloc_pool_release(0, id0, id1), 0);
+    assert_eq!(pool_of(x), Some((id0, id1)));
+    assert_eq!(pool_of(on_device_1), None, "the context is device 0's");
+    assert_eq!(sim.call_count(crate::sim::SimOp::MallocAsync), async_before + 1);
+    let y = streamalloc_alloc(4096, 0, sptr(s));
+    assert_eq!(pool_of(y), None, "the context is closed");
+    let mut st = pools::StreamallocPoolStats::default();
+    // Safety: st is a valid output.
+    assert_eq!(unsafe { pools::streamalloc_pool_get_stats(0, id0, id1, &mut st) }, 0);
+    assert_eq!((st.use_count, st.live_blocks, st.live_bytes), (1, 1, 1 << 20));
+    // del tensor: streamalloc_free knows the pool's block; del pool: release.
+    streamalloc_free(x, 0, 0, std::ptr::null_mut());
+    assert_eq!(streamalloc_last_error_code(), 0, "{:?}", last_error());
+    assert_eq!(pools::streamalloc_pool_release(0, id0, id1), 0);
+    assert_eq!(sim.sync_bytes(0), sync_before);
+    assert_eq!(pools::streamalloc_pool_use_count(0, id0, id1), 0);
+    streamalloc_free(y, 0, 0, std::ptr::null_mut());
+    streamalloc_free(on_device_1, 0, 0, std::ptr::null_mut());
+    streamalloc_free(x, 0, 0, std::ptr::null_mut());
+    assert_eq!(streamalloc_last_error_code(), ErrorCode::InvalidArgument as c_int);
+    sim.assert_clean();
+}
+
+static FILTER_DROPS: AtomicUsize = AtomicUsize::new(0);
+
+/// Counts the releases of filter contexts.
+unsafe extern "C" fn count_drop(_ctx: *mut c_void) {
+    FILTER_DROPS.fetch_add(1, Ordering::Relaxed);
+}
+
+/// A filter that accepts the stream its context names.
+unsafe extern "C" fn only_stream(ctx: *mut c_void, stream: CudaStream) -> c_int {
+    (ctx == stream) as c_int
+}
+
+#[test]
+fn graph_capture_into_a_pool_tells_the_core_of_the_capture() {
+    let sim = setup();
+    let _ = sim.take_reports(); // other tests' findings are theirs
+    let s = sim.new_stream(0).unwrap();
+    let us = UsageStream::new(s, 0);
+    let (id0, id1) = (102, 0);
+    // An ordinary block from before the capture, freed during it.
+    let before = streamalloc_alloc(8192, 0, sptr(s));
+    assert!(pool_of(before).is_none());
+    let async_before = sim.call_count(crate::sim::SimOp::MallocAsync);
+    // CUDAGraph::capture_begin: the context, then the stream capture.
+    // Safety: only_stream never unwinds and needs no context memory.
+    let r = unsafe {
+        pools::streamalloc_pool_begin_allocate_to(
+            0,
+            id0,
+            id1,
+            sptr(s),
+            Some(only_stream),
+            sptr(s),
+            Some(count_drop),
+        )
+    };
+    assert_eq!(r, 0, "{:?}", last_error());
+    assert!(!alloc().unwrap().capture_underway(), "no capture seen yet");
+    sim.begin_capture(us).unwrap();
+    let a = streamalloc_alloc(1 << 20, 0, sptr(s));
+    assert_eq!(pool_of(a), Some((id0, id1)));
+    assert!(alloc().unwrap().capture_underway(), "the core heard of the capture");
+    sim.launch(us, &[dptr(a)]).unwrap();
+    streamalloc_free(before, 0, 0, std::ptr::null_mut()); // deferred by the core (S4)
+    streamalloc_free(a, 0, 0, std::ptr::null_mut()); // back to the pool, reusable
+    assert_eq!(streamalloc_alloc(1 << 20, 0, sptr(s)), a);
+    assert_eq!(sim.call_count(crate::sim::SimOp::MallocAsync), async_before);
+    // capture_end: the stream capture ends, then the context.
+    let graph = sim.end_capture(us).unwrap();
+    assert_eq!(graph.allocations, 0);
+    assert_eq!(pools::streamalloc_pool_end_allocate_to(0, id0, id1), 0);
+    assert!(!alloc().unwrap().capture_underway());
+    assert_eq!(FILTER_DROPS.load(Ordering::Relaxed), 1, "the filter's context is released");
+    // The graph's output lives on; the graph's reset releases the pool.
+    assert_eq!(pools::streamalloc_pool_release(0, id0, id1), 0);
+    streamalloc_free(a, 0, 0, std::ptr::null_mut());
+    assert_eq!(pools::streamalloc_pool_use_count(0, id0, id1), 0);
+    // The deferred free is issued at the next allocation.
+    let z = streamalloc_alloc(512, 0, sptr(s));
+    streamalloc_free(z, 0, 0, std::ptr::null_mut());
+    sim.assert_clean();
+}
+
+#[test]
+fn checkpoint_restore_and_live_check_through_the_c_abi() {
+    let sim = setup();
+    let _ = sim.take_reports(); // other tests' findings are theirs
+    let s = sim.new_stream(0).unwrap();
+    let (d, id0, id1) = (0, 0, 103);
+    assert_eq!(pools::streamalloc_pool_create_or_incref(d, id0, id1), 0);
+    let a = pools::streamalloc_pool_alloc(d, id0, id1, 1000, sptr(s));
+    let b = pools::streamalloc_pool_alloc(d, id0, id1, 3000, sptr(s));
+    assert!(!a.is_null() && !b.is_null(), "{:?}", last_error());
+    let mut count = 0usize;
+    // Safety: capacity 0 with a NULL buffer; count is valid.
+    let r = unsafe {
+        pools::streamalloc_pool_checkpoint(d, id0, id1, std::ptr::null_mut(), 0, &mut count)
+    };
+    assert_eq!((r, count), (0, 2));
+    let mut cp = vec![
+        pools::StreamallocPoolBlock {
+            ptr: std::ptr::null_mut(),
+            size: 0,
+            stream: std::ptr::null_mut()
+        };
+        count
+    ];
+    // Safety: cp holds count blocks.
+    let r = unsafe {
+        pools::streamalloc_pool_checkpoint(d, id0, id1, cp.as_mut_ptr(), cp.len(), &mut count)
+    };
+    assert_eq!(r, 0);
+    streamalloc_free(a, 0, 0, std::ptr::null_mut());
+    let c = pools::streamalloc_pool_alloc(d, id0, id1, 5000, sptr(s));
+    let check = |ptrs: &[*mut c_void]| {
+        let mut same = -1;
+        // Safety: ptrs is a live slice; same is valid.
+        let r = unsafe {
+            pools::streamalloc_pool_check_live(d, id0, id1, ptrs.as_ptr(), ptrs.len(), &mut same)
+        };
+        assert_eq!(r, 0);
+        same == 1
+    };
+    assert!(check(&[b, c]));
+    assert!(!check(&[b]));
+    // A checkpoint block the pool does not have: refused, nothing changed.
+    let mut bad = cp.clone();
+    bad.push(pools::StreamallocPoolBlock { ptr: 0x10 as *mut c_void, size: 1, stream: sptr(s) });
+    // Safety: bad holds bad.len() blocks; no callback.
+    let r = unsafe {
+        pools::streamalloc_pool_restore(
+            d,
+            id0,
+            id1,
+            bad.as_ptr(),
+            bad.len(),
+            None,
+            std::ptr::null_mut(),
+        )
+    };
+    assert_eq!(r, ErrorCode::InvalidArgument as c_int);
+    assert!(last_error().1.contains("checkpoint"), "{:?}", last_error());
+    assert!(check(&[b, c]));
+    unsafe extern "C" fn collect(ctx: *mut c_void, ptr: *mut c_void, _size: usize) {
+        // Safety: ctx is the test's Vec, alive for the call.
+        unsafe { (*(ctx as *mut Vec<*mut c_void>)).push(ptr) };
+    }
+    let mut freed: Vec<*mut c_void> = Vec::new();
+    // Safety: cp holds cp.len() blocks; collect does not unwind; ctx is `freed`.
+    let r = unsafe {
+        pools::streamalloc_pool_restore(
+            d,
+            id0,
+            id1,
+            cp.as_ptr(),
+            cp.len(),
+            Some(collect),
+            (&mut freed as *mut Vec<*mut c_void>).cast(),
+        )
+    };
+    assert_eq!(r, 0, "{:?}", last_error());
+    freed.sort();
+    let mut want = vec![b, c];
+    want.sort();
+    assert_eq!(freed, want);
+    assert!(check(&[a, b]));
+    for p in [a, b] {
+        streamalloc_free(p, 0, 0, std::ptr::null_mut());
+        assert_eq!(streamalloc_last_error_code(), 0);
+    }
+    assert_eq!(pools::streamalloc_pool_release(d, id0, id1), 0);
+    sim.assert_clean();
+}
+
+#[test]
+fn pool_calls_refuse_bad_input() {
+    let _sim = setup();
+    let invalid = ErrorCode::InvalidArgument as c_int;
+    assert_eq!(pools::streamalloc_pool_release(0, 0, 999), invalid);
+    assert!(last_error().1.contains("no private pool (0, 999)"), "{:?}", last_error());
+    assert_eq!(pools::streamalloc_pool_create_or_incref(7, 0, 999), invalid);
+    assert_eq!(pools::streamalloc_pool_create_or_incref(-1, 0, 999), invalid);
+    assert_eq!(pools::streamalloc_pool_use_count(0, 0, 0), -1);
+    assert!(pools::streamalloc_pool_alloc(0, 0, 999, 64, std::ptr::null_mut()).is_null());
+    assert_eq!(streamalloc_last_error_code(), invalid);
+    assert_eq!(pools::streamalloc_pool_end_allocate_to(0, 0, 999), invalid);
+    let mut out = 0;
+    // Safety: NULL pointers with n > 0 are refused before any read.
+    let r = unsafe { pools::streamalloc_pool_check_live(0, 0, 999, std::ptr::null(), 3, &mut out) };
+    assert_eq!(r, invalid);
+    // Safety: as above.
+    let r = unsafe {
+        pools::streamalloc_pool_restore(0, 0, 999, std::ptr::null(), 1, None, std::ptr::null_mut())
+    };
+    assert_eq!(r, invalid);
+    // A pool block on device 0 is not device 1's pool's.
+    assert_eq!(pools::streamalloc_pool_create_or_incref(0, 0, 998), 0);
+    let p = pools::streamalloc_pool_alloc(0, 0, 998, 64, std::ptr::null_mut());
+    assert!(!p.is_null());
+    let mut same = -1;
+    // Safety: one pointer; same is valid.
+    let r = unsafe { pools::streamalloc_pool_check_live(1, 0, 998, &p, 1, &mut same) };
+    assert_eq!(r, invalid);
+    streamalloc_free(p, 0, 0, std::ptr::null_mut());
+    assert_eq!(pools::streamalloc_pool_release(0, 0, 998), 0);
+    assert_eq!(pools::streamalloc_pool_release(0, 0, 998), invalid, "released already");
+}
+
+#[test]
+fn pool_block_recorded_on_the_capture_stream_from_a_forked_side_stream() {
+    let sim = setup();
+    let _ = sim.take_reports(); // other tests' findings are theirs
+    let s = sim.new_usage_stream(0).unwrap();
+    let side = sim.new_usage_stream(0).unwrap();
+    let (id0, id1) = (104, 0);
+    let sync_before = sim.sync_bytes(0);
+    // Safety: no filter: every stream of device 0 goes to the pool.
+    let r = unsafe {
+        pools::streamalloc_pool_begin_allocate_to(
+            0,
+            id0,
+            id1,
+            sptr(s.stream),
+            None,
+            std::ptr::null_mut(),
+            None,
+        )
+    };
+    assert_eq!(r, 0);
+    sim.begin_capture(s).unwrap();
+    let a = streamalloc_alloc(1 << 20, 0, sptr(s.stream));
+    sim.wait(side, s).unwrap(); // fork
+    let b = streamalloc_alloc(1 << 20, 0, sptr(side.stream));
+    assert_eq!((pool_of(a), pool_of(b)), (Some((id0, id1)), Some((id0, id1))));
+    sim.launch(side, &[dptr(a), dptr(b)]).unwrap();
+    assert_eq!(streamalloc_record_stream_on(b, sptr(s.stream), 0), 0, "{:?}", last_error());
+    sim.wait(s, side).unwrap(); // join
+    streamalloc_free(b, 0, 0, std::ptr::null_mut()); // held back: recorded, in a capture
+    streamalloc_free(a, 0, 0, std::ptr::null_mut());
+    assert_eq!(streamalloc_last_error_code(), 0, "{:?}", last_error());
+    let c = streamalloc_alloc(1 << 20, 0, sptr(side.stream));
+    assert_ne!(c, b, "not reused inside the capture");
+    streamalloc_free(c, 0, 0, std::ptr::null_mut());
+    sim.end_capture(s).unwrap();
+    assert_eq!(pools::streamalloc_pool_end_allocate_to(0, id0, id1), 0);
+    assert_eq!(pools::streamalloc_pool_release(0, id0, id1), 0);
+    assert_eq!(sim.sync_bytes(0), sync_before, "every block went back, the held one too");
+    sim.assert_clean();
+}
+
+/// The C ABI calls of a graph tree (`torch/_inductor/cudagraph_trees.py`): a pool kept
+/// alive by an empty capture, a warm-up context, a recording, a checkpoint, and a
+/// restore before the next recording with a warm-up output dead since.
+#[test]
+fn graph_tree_sequence() {
+    let sim = setup();
+    let _ = sim.take_reports(); // other tests' findings are theirs
+    let s = sim.new_usage_stream(0).unwrap();
+    let (d, id0, id1) = (0, 0, 105);
+    let sync_before = sim.sync_bytes(0);
+    let begin = |filtered: bool| {
+        let (f, ctx): (pools::StreamallocStreamFilter, *mut c_void) = if filtered {
+            (Some(only_stream), sptr(s.stream))
+        } else {
+            (None, std::ptr::null_mut())
+        };
+        // Safety: only_stream never unwinds and reads no context memory.
+        let r = unsafe {
+            pools::streamalloc_pool_begin_allocate_to(d, id0, id1, sptr(s.stream), f, ctx, None)
+        };
+        assert_eq!(r, 0, "{:?}", last_error());
+    };
+    let end = || assert_eq!(pools::streamalloc_pool_end_allocate_to(d, id0, id1), 0);
+    let live = |ptrs: &[*mut c_void]| {
+        let mut same = -1;
+        // Safety: ptrs is a live slice; same is valid.
+        let r = unsafe {
+            pools::streamalloc_pool_check_live(d, id0, id1, ptrs.as_ptr(), ptrs.len(), &mut same)
+        };
+        assert_eq!(r, 0);
+        same == 1
+    };
+    // "Keeps Memory Pool Alive": an empty capture into the pool.
+    begin(true);
+    sim.begin_capture(s).unwrap();
+    sim.end_capture(s).unwrap();
+    end();
+    assert_eq!(pools::streamalloc_pool_use_count(d, id0, id1), 1);
+    // Warm-up (_use_cuda_memory_pool_manager): the thread's allocations, no capture.
+    begin(false);
+    let x = streamalloc_alloc(4096, d, sptr(s.stream)); // a static input
+    let w = streamalloc_alloc(8192, d, sptr(s.stream)); // the warm-up's output
+    let t = streamalloc_alloc(8192, d, sptr(s.stream));
+    sim.launch(s, &[dptr(x), dptr(w), dptr(t)]).unwrap();
+    streamalloc_free(t, 0, 0, std::ptr::null_mut());
+    end();
+    assert_eq!(pools::streamalloc_pool_release(d, id0, id1), 0);
+    // Recording: the graph's allocations in the capture.
+    begin(true);
+    sim.begin_capture(s).unwrap();
+    let tmp = streamalloc_alloc(8192, d, sptr(s.stream));
+    assert_eq!(tmp, t, "a block freed on the stream is reused by address");
+    let o1 = streamalloc_alloc(4096, d, sptr(s.stream));
+    sim.launch(s, &[dptr(x), dptr(tmp), dptr(o1)]).unwrap();
+    streamalloc_free(tmp, 0, 0, std::ptr::null_mut());
+    let graph = sim.end_capture(s).unwrap();
+    end();
+    assert_eq!(graph.allocations, 0);
+    let mut count = 0usize;
+    let mut cp = vec![
+        pools::StreamallocPoolBlock {
+            ptr: std::ptr::null_mut(),
+            size: 0,
+            stream: std::ptr::null_mut()
+        };
+        8
+    ];
+    // Safety: cp holds 8 blocks; count is valid.
+    let r = unsafe {
+        pools::streamalloc_pool_checkpoint(d, id0, id1, cp.as_mut_ptr(), cp.len(), &mut count)
+    };
+    assert_eq!((r, count), (0, 3));
+    cp.truncate(count);
+    assert!(live(&[x, w, o1]));
+    // The warm-up output dies; graph trees later free the checkpoint's dead blocks.
+    streamalloc_free(w, 0, 0, std::ptr::null_mut());
+    let o_extra = pools::streamalloc_pool_alloc(d, id0, id1, 4096, sptr(s.stream));
+    assert!(live(&[x, o1, o_extra]));
+    // Before the next recording: the checkpoint's state, then raw_delete of the dead.
+    // Safety: cp holds count blocks; no callback.
+    let r = unsafe {
+        pools::streamalloc_pool_restore(
+            d,
+            id0,
+            id1,
+            cp.as_ptr(),
+            cp.len(),
+            None,
+            std::ptr::null_mut(),
+        )
+    };
+    assert_eq!(r, 0, "{:?}", last_error());
+    assert!(live(&[x, w, o1]));
+    streamalloc_free(w, 0, 0, std::ptr::null_mut());
+    assert_eq!(streamalloc_last_error_code(), 0, "{:?}", last_error());
+    assert!(live(&[x, o1]));
+    // The next recording may use w's and o_extra's blocks again.
+    begin(true);
+    sim.begin_capture(s).unwrap();
+    let o2 = streamalloc_alloc(8192, d, sptr(s.stream));
+    assert_eq!(o2, w);
+    sim.launch(s, &[dptr(o1), dptr(o2)]).unwrap();
+    sim.end_capture(s).unwrap();
+    end();
+    // The tree goes away: its outputs die, each graph (the keep-alive one and the two
+    // recordings: every capture added a user) releases the pool.
+    for p in [x, o1, o2] {
+        streamalloc_free(p, 0, 0, std::ptr::null_mut());
+        assert_eq!(streamalloc_last_error_code(), 0, "{:?}", last_error());
+    }
+    assert_eq!(pools::streamalloc_pool_use_count(d, id0, id1), 3);
+    for _ in 0..3 {
+        assert_eq!(pools::streamalloc_pool_release(d, id0, id1), 0);
+    }
+    assert_eq!(pools::streamalloc_pool_use_count(d, id0, id1), 0);
+    assert_eq!(sim.sync_bytes(0), sync_before);
+    sim.assert_clean();
+}
+
+#[test]
+fn base_alloc_and_record_stream_know_pool_blocks() {
+    let sim = setup();
+    let _ = sim.take_reports(); // other tests' findings are theirs
+    let s = sim.new_usage_stream(0).unwrap();
+    let other = sim.new_usage_stream(0).unwrap();
+    let (id0, id1) = (0, 106);
+    assert_eq!(pools::streamalloc_pool_create_or_incref(0, id0, id1), 0);
+    let p = pools::streamalloc_pool_alloc(0, id0, id1, 3000, sptr(s.stream));
+    let mut size = 0usize;
+    // Safety: size is a valid usize.
+    assert_eq!(unsafe { streamalloc_base_alloc(p, &mut size) }, p);
+    assert_eq!(size, 3000);
+    sim.launch(other, &[dptr(p)]).unwrap();
+    streamalloc_record_stream(p, sptr(other.stream));
+    assert_eq!(streamalloc_last_error_code(), 0, "{:?}", last_error());
+    streamalloc_free(p, 0, 0, std::ptr::null_mut());
+    // Freed: base_alloc and record_stream refuse it; the reuse waits for `other`.
+    // Safety: as above.
+    assert!(unsafe { streamalloc_base_alloc(p, &mut size) }.is_null());
+    assert_eq!(
+        streamalloc_record_stream_on(p, sptr(other.stream), 0),
+        ErrorCode::InvalidArgument as c_int
+    );
+    assert_eq!(pools::streamalloc_pool_alloc(0, id0, id1, 3000, sptr(s.stream)), p);
+    assert!(sim.happens_before(other, s));
+    streamalloc_free(p, 0, 0, std::ptr::null_mut());
+    assert_eq!(pools::streamalloc_pool_release(0, id0, id1), 0);
+    sim.assert_clean();
 }

@@ -24,11 +24,15 @@
 //    does not cover pool memory. memcpyAsync: the seed's choice (cudaMemcpyAsync when on
 //    one device or p2p is enabled, else cudaMemcpyPeerAsync); the base class always uses
 //    cudaMemcpyAsync.
-//  * Graph capture follows the seed: beginAllocateToPool -> streamalloc_begin_capture_on
-//    (device, the capture stream), endAllocateToPool -> streamalloc_end_capture(device,
-//    current stream of device), releasePool -> nothing. PyTorch 2.x calls
-//    cudaStreamEndCapture before endAllocateToPool, so free streams are joined into the
-//    capture stream as they appear rather than at the end.
+//  * Private pools (torch.cuda.MemPool, use_mem_pool, torch.cuda.graph(pool=...),
+//    torch.compile(mode="reduce-overhead")'s graph trees; the block marked "private
+//    pools" below): createOrIncrefPool, releasePool, getPoolUseCount,
+//    beginAllocateToPool (the filter is handed to the library, which routes matching
+//    allocations; the current stream is the context's origin, on which the library
+//    notices a graph capture itself), endAllocateToPool, checkPoolLiveAllocations,
+//    getCheckpointState / setCheckpointPoolState (StreamallocPoolState, the pool's live
+//    blocks; the delta's DataPtrs carry the direct path's deleter), setNoSplit (pool
+//    blocks are never split), setUseOnOOM(false); setUseOnOOM(true) is refused.
 //  * recordStream gets the stream's own device (S24), where the plain hook would only
 //    see a cudaStream_t.
 //  * The hot path skips the base class's bookkeeping: CUDAPluggableAllocator takes a
@@ -79,12 +83,16 @@
 #include <cstdint>
 #include <cstdlib>
 #include <deque>
+#include <thread>
 #include <exception>
+#include <functional>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <optional>
 #include <string>
 #include <unordered_map>
+#include <unordered_set>
 #include <utility>
 #include <vector>
 
@@ -99,8 +107,6 @@ struct Lib {
   decltype(&streamalloc_set_memory_fraction) set_fraction = nullptr;
   decltype(&streamalloc_base_alloc) base_alloc = nullptr;
   decltype(&streamalloc_record_stream_on) record_on = nullptr;
-  decltype(&streamalloc_begin_capture_on) begin_capture = nullptr;
-  decltype(&streamalloc_end_capture) end_capture = nullptr;
   decltype(&streamalloc_last_error) last_error = nullptr;
   // ---- statistics, peer access, cache info, warnings ----
   decltype(&streamalloc_device_memory_stats) memory_stats = nullptr;
@@ -116,6 +122,15 @@ struct Lib {
   decltype(&streamalloc_history) history = nullptr;
   decltype(&streamalloc_snapshot_blocks) snapshot_blocks = nullptr;
   decltype(&streamalloc_attach_oom_observer) attach_oom_observer = nullptr;
+  // ---- private pools ----
+  decltype(&streamalloc_pool_create_or_incref) pool_incref = nullptr;
+  decltype(&streamalloc_pool_release) pool_release = nullptr;
+  decltype(&streamalloc_pool_use_count) pool_use_count = nullptr;
+  decltype(&streamalloc_pool_begin_allocate_to) pool_begin = nullptr;
+  decltype(&streamalloc_pool_end_allocate_to) pool_end = nullptr;
+  decltype(&streamalloc_pool_checkpoint) pool_checkpoint = nullptr;
+  decltype(&streamalloc_pool_restore) pool_restore = nullptr;
+  decltype(&streamalloc_pool_check_live) pool_check_live = nullptr;
 };
 
 inline Lib lib;
@@ -351,6 +366,58 @@ inline void oom_trampoline(int device, size_t requested, size_t total, size_t fr
   }
 }
 
+// ---- private pools: the shim's side ----
+
+using PoolFilter = std::function<bool(cudaStream_t)>;
+
+// The library calls the filter from the allocating thread; it must not unwind there.
+inline int filter_trampoline(void* ctx, cudaStream_t stream) {
+  try {
+    return (*static_cast<PoolFilter*>(ctx))(stream) ? 1 : 0;
+  } catch (...) {
+    return 0;
+  }
+}
+
+// The library releases the filter once no router can call it.
+inline void filter_drop(void* ctx) {
+  delete static_cast<PoolFilter*>(ctx);
+}
+
+// A checkpoint: the pool's live blocks (getCheckpointState's result).
+struct StreamallocPoolState : public cca::AllocatorState {
+  c10::DeviceIndex device = 0;
+  c10::cuda::MempoolId_t id{0, 0};
+  std::vector<streamalloc_pool_block> blocks;
+};
+
+inline void collect_freed(void* ctx, void* ptr, size_t) {
+  try {
+    static_cast<std::vector<void*>*>(ctx)->push_back(ptr);
+  } catch (...) {
+  }
+}
+
+// The current stream of device when CUDA is up; the null stream otherwise (the
+// simulated backend in tests without a GPU).
+inline cudaStream_t current_stream_or_null(c10::DeviceIndex device) {
+  try {
+    return c10::cuda::getCurrentCUDAStream(device).stream();
+  } catch (...) {
+    return nullptr;
+  }
+}
+
+// Opens an allocate-to context with origin `origin` (beginAllocateToPool's work).
+inline void begin_pool(c10::DeviceIndex device, c10::cuda::MempoolId_t id, PoolFilter filter,
+                       cudaStream_t origin) {
+  auto* f = new PoolFilter(std::move(filter));
+  // The library owns f from here: filter_drop deletes it, also when the call is refused.
+  check_status(lib.pool_begin(device, id.first, id.second, origin, &filter_trampoline, f,
+                              &filter_drop),
+               "beginAllocateToPool");
+}
+
 // The pluggable allocator with the overrides listed at the top of this file.
 struct StreamallocAllocator
     : public torch::cuda::CUDAPluggableAllocator::CUDAPluggableAllocator {
@@ -511,7 +578,8 @@ struct StreamallocAllocator
     info.config_metadata.pinned_use_host_register = false;
     info.config_metadata.graph_capture_record_stream_reuse = false;
     info.config_metadata.last_allocator_settings = "streamalloc";
-    // streamalloc has no private pools: every block is in the default pool {0, 0}.
+    // Private pools' blocks are not listed (DESIGN.md, "Private pools"): a snapshot of
+    // one is empty; the default pool {0, 0} lists the core's blocks.
     bool default_pool = mempool_id.first == 0 && mempool_id.second == 0;
     int devices = std::max(c10::cuda::device_count(), static_cast<c10::DeviceIndex>(1));
 
@@ -593,6 +661,115 @@ struct StreamallocAllocator
     return info;
   }
 
+  // ---- private pools ----
+
+  void createOrIncrefPool(c10::DeviceIndex device, c10::cuda::MempoolId_t id,
+                          std::shared_ptr<cca::CUDAAllocator> allocator) override {
+    TORCH_CHECK(allocator == nullptr || allocator.get() == this,
+                "streamalloc: a MemPool with its own allocator is not supported (the pool's "
+                "memory comes from streamalloc)");
+    check_status(lib.pool_incref(device, id.first, id.second), "createOrIncrefPool");
+  }
+
+  int getPoolUseCount(c10::DeviceIndex device, c10::cuda::MempoolId_t id) override {
+    int64_t n = lib.pool_use_count(device, id.first, id.second);
+    if (n < 0) {
+      check("getPoolUseCount");
+    }
+    return static_cast<int>(n);
+  }
+
+  void setUseOnOOM(c10::DeviceIndex, c10::cuda::MempoolId_t, bool use_on_oom) override {
+    TORCH_CHECK(!use_on_oom,
+                "streamalloc: MemPool(use_on_oom=True) is not supported: a private pool's "
+                "blocks are not lent to allocations outside it");
+  }
+
+  // Pool blocks are never split (each is its own driver allocation).
+  void setNoSplit(c10::DeviceIndex, c10::cuda::MempoolId_t) override {}
+
+  void beginAllocateToPool(c10::DeviceIndex device, c10::cuda::MempoolId_t id,
+                           PoolFilter filter) override {
+    // CUDAGraph::capture_begin runs on the capture stream (torch.cuda.graph enters its
+    // stream first): the library watches it for the capture that follows.
+    begin_pool(device, id, std::move(filter), current_stream_or_null(device));
+  }
+
+  void endAllocateToPool(c10::DeviceIndex device, c10::cuda::MempoolId_t id) override {
+    check_status(lib.pool_end(device, id.first, id.second), "endAllocateToPool");
+  }
+
+  // Called from destructors (MemPool, CUDAGraph::reset): warns instead of throwing.
+  void releasePool(c10::DeviceIndex device, c10::cuda::MempoolId_t id) override {
+    if (lib.pool_release(device, id.first, id.second) != 0) {
+      int code = 0;
+      std::string msg = last_error(&code);
+      TORCH_WARN("streamalloc: releasePool failed (code ", code, "): ", msg);
+    }
+  }
+
+  bool checkPoolLiveAllocations(c10::DeviceIndex device, c10::cuda::MempoolId_t id,
+                                const std::unordered_set<void*>& expected) override {
+    std::vector<void*> ptrs(expected.begin(), expected.end());
+    int same = 0;
+    check_status(lib.pool_check_live(device, id.first, id.second, ptrs.data(), ptrs.size(),
+                                     &same),
+                 "checkPoolLiveAllocations");
+    return same == 1;
+  }
+
+  std::shared_ptr<cca::AllocatorState> getCheckpointState(c10::DeviceIndex device,
+                                                          c10::cuda::MempoolId_t id) override {
+    auto state = std::make_shared<StreamallocPoolState>();
+    state->device = device;
+    state->id = id;
+    size_t count = 0;
+    check_status(lib.pool_checkpoint(device, id.first, id.second, nullptr, 0, &count),
+                 "getCheckpointState");
+    while (true) {
+      state->blocks.resize(count);
+      size_t n = 0;
+      check_status(lib.pool_checkpoint(device, id.first, id.second, state->blocks.data(),
+                                       state->blocks.size(), &n),
+                   "getCheckpointState");
+      if (n <= state->blocks.size()) {
+        state->blocks.resize(n);
+        break;
+      }
+      count = n; // more arrived meanwhile
+    }
+    return state;
+  }
+
+  cca::CheckpointDelta setCheckpointPoolState(
+      c10::DeviceIndex device, std::shared_ptr<cca::AllocatorState> as) override {
+    auto state = std::dynamic_pointer_cast<StreamallocPoolState>(as);
+    TORCH_CHECK(state != nullptr, "streamalloc: not a checkpoint of streamalloc's pools");
+    TORCH_CHECK(state->device == device, "streamalloc: a checkpoint of device ", state->device,
+                " restored on device ", device);
+    std::vector<void*> freed;
+    check_status(lib.pool_restore(device, state->id.first, state->id.second,
+                                  state->blocks.data(), state->blocks.size(), &collect_freed,
+                                  &freed),
+                 "setCheckpointPoolState");
+    cca::CheckpointDelta delta;
+    delta.ptrs_freed = std::move(freed);
+    {
+      // Frames of the blocks freed by the restore are dropped, as a free drops them.
+      std::lock_guard<std::mutex> g(contexts.m);
+      for (void* p : delta.ptrs_freed) {
+        contexts.live.erase(p);
+      }
+    }
+    for (const auto& b : state->blocks) {
+      // The direct path's deleter: PyTorch attaches these to storages that already
+      // point at the blocks, and frees the rest with raw_delete.
+      delta.dataptrs_allocd.emplace_back(b.ptr, b.ptr, &delete_direct,
+                                         c10::Device(c10::DeviceType::CUDA, device));
+    }
+    return delta;
+  }
+
   void attachOutOfMemoryObserver(cca::OutOfMemoryObserver observer) override {
     std::lock_guard<std::mutex> g(observers.m);
     observers.list.push_back(std::move(observer));
@@ -633,8 +810,6 @@ inline void open_library(const std::string& lib_path) {
   l.set_fraction = sym<decltype(l.set_fraction)>(h, "streamalloc_set_memory_fraction");
   l.base_alloc = sym<decltype(l.base_alloc)>(h, "streamalloc_base_alloc");
   l.record_on = sym<decltype(l.record_on)>(h, "streamalloc_record_stream_on");
-  l.begin_capture = sym<decltype(l.begin_capture)>(h, "streamalloc_begin_capture_on");
-  l.end_capture = sym<decltype(l.end_capture)>(h, "streamalloc_end_capture");
   l.last_error = sym<decltype(l.last_error)>(h, "streamalloc_last_error");
   l.memory_stats = sym<decltype(l.memory_stats)>(h, "streamalloc_device_memory_stats");
   l.reset_peak = sym<decltype(l.reset_peak)>(h, "streamalloc_reset_peak_stats");
@@ -651,6 +826,14 @@ inline void open_library(const std::string& lib_path) {
   l.snapshot_blocks = sym<decltype(l.snapshot_blocks)>(h, "streamalloc_snapshot_blocks");
   l.attach_oom_observer =
       sym<decltype(l.attach_oom_observer)>(h, "streamalloc_attach_oom_observer");
+  l.pool_incref = sym<decltype(l.pool_incref)>(h, "streamalloc_pool_create_or_incref");
+  l.pool_release = sym<decltype(l.pool_release)>(h, "streamalloc_pool_release");
+  l.pool_use_count = sym<decltype(l.pool_use_count)>(h, "streamalloc_pool_use_count");
+  l.pool_begin = sym<decltype(l.pool_begin)>(h, "streamalloc_pool_begin_allocate_to");
+  l.pool_end = sym<decltype(l.pool_end)>(h, "streamalloc_pool_end_allocate_to");
+  l.pool_checkpoint = sym<decltype(l.pool_checkpoint)>(h, "streamalloc_pool_checkpoint");
+  l.pool_restore = sym<decltype(l.pool_restore)>(h, "streamalloc_pool_restore");
+  l.pool_check_live = sym<decltype(l.pool_check_live)>(h, "streamalloc_pool_check_live");
   lib = l;
 }
 
@@ -673,21 +856,6 @@ inline std::shared_ptr<StreamallocAllocator> make_allocator(bool direct) {
     }
     return base;
   });
-  a->set_begin_allocate_to_pool(
-      [](int device, c10::cuda::MempoolId_t, std::function<bool(cudaStream_t)>) {
-        // CUDAGraph::capture_begin runs on the capture stream: name it, so free streams
-        // are joined into it as they appear (capture_end ends the stream capture
-        // before it calls endAllocateToPool).
-        cudaStream_t s =
-            c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(device)).stream();
-        check_status(lib.begin_capture(device, s), "begin_capture");
-      });
-  a->set_end_allocate_to_pool_fn([](int device, c10::cuda::MempoolId_t) {
-    cudaStream_t s =
-        c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(device)).stream();
-    check_status(lib.end_capture(device, s), "end_capture");
-  });
-  a->set_release_pool([](int, c10::cuda::MempoolId_t) {});
   return a;
 }
 
@@ -774,6 +942,84 @@ inline void free_block(uintptr_t ptr) {
   delete_direct(reinterpret_cast<void*>(ptr));
 }
 
+// ---- private pools: PyTorch's calls without CUDA ----
+// torch.cuda.MemPool() and use_mem_pool() ask CUDA for the current device first; these
+// make the same c10 calls (c10/cuda/CUDACachingAllocator.h) with the device given.
+
+inline c10::cuda::MempoolId_t pool_id(uint64_t id0, uint64_t id1) {
+  return {static_cast<c10::cuda::CaptureId_t>(id0), static_cast<c10::cuda::CaptureId_t>(id1)};
+}
+
+inline void create_or_incref_pool(int device, uint64_t id0, uint64_t id1) {
+  cca::createOrIncrefPool(static_cast<c10::DeviceIndex>(device), pool_id(id0, id1));
+}
+
+inline int pool_use_count(int device, uint64_t id0, uint64_t id1) {
+  return cca::getPoolUseCount(static_cast<c10::DeviceIndex>(device), pool_id(id0, id1));
+}
+
+inline void release_pool(int device, uint64_t id0, uint64_t id1) {
+  cca::releasePool(static_cast<c10::DeviceIndex>(device), pool_id(id0, id1));
+}
+
+// use_mem_pool's beginAllocateCurrentThreadToPool: the calling thread's allocations,
+// with `stream` as the context's origin.
+inline void begin_allocate_to_pool(int device, uint64_t id0, uint64_t id1, uintptr_t stream) {
+  auto tid = std::this_thread::get_id();
+  begin_pool(static_cast<c10::DeviceIndex>(device), pool_id(id0, id1),
+             [tid](cudaStream_t) { return std::this_thread::get_id() == tid; },
+             reinterpret_cast<cudaStream_t>(stream));
+}
+
+inline void end_allocate_to_pool(int device, uint64_t id0, uint64_t id1) {
+  cca::endAllocateToPool(static_cast<c10::DeviceIndex>(device), pool_id(id0, id1));
+}
+
+inline bool check_pool_live(int device, uint64_t id0, uint64_t id1,
+                            const std::vector<uintptr_t>& ptrs) {
+  std::unordered_set<void*> expected;
+  for (auto p : ptrs) {
+    expected.insert(reinterpret_cast<void*>(p));
+  }
+  return cca::checkPoolLiveAllocations(static_cast<c10::DeviceIndex>(device), pool_id(id0, id1),
+                                       expected);
+}
+
+// Checkpoints by handle (the state stays opaque, as in torch._C).
+inline std::mutex checkpoints_m;
+inline std::map<int64_t, std::shared_ptr<cca::AllocatorState>> checkpoints;
+inline int64_t next_checkpoint = 1;
+
+inline int64_t checkpoint(int device, uint64_t id0, uint64_t id1) {
+  auto st = cca::getCheckpointState(static_cast<c10::DeviceIndex>(device), pool_id(id0, id1));
+  std::lock_guard<std::mutex> g(checkpoints_m);
+  checkpoints[next_checkpoint] = std::move(st);
+  return next_checkpoint++;
+}
+
+// setCheckpointPoolState; the delta's DataPtrs are released as torch._C's binding does
+// with those no storage takes (addStorageDeleterFns). Returns (freed, allocated).
+inline std::pair<std::vector<uintptr_t>, std::vector<uintptr_t>> restore(int device,
+                                                                         int64_t handle) {
+  std::shared_ptr<cca::AllocatorState> st;
+  {
+    std::lock_guard<std::mutex> g(checkpoints_m);
+    auto it = checkpoints.find(handle);
+    TORCH_CHECK(it != checkpoints.end(), "no checkpoint ", handle);
+    st = it->second;
+  }
+  auto delta = cca::setCheckpointPoolState(static_cast<c10::DeviceIndex>(device), st);
+  std::vector<uintptr_t> freed, allocd;
+  for (void* p : delta.ptrs_freed) {
+    freed.push_back(reinterpret_cast<uintptr_t>(p));
+  }
+  for (auto& dp : delta.dataptrs_allocd) {
+    allocd.push_back(reinterpret_cast<uintptr_t>(dp.get()));
+    dp.release_context();
+  }
+  return {freed, allocd};
+}
+
 } // namespace streamalloc_shim::testing
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -798,5 +1044,20 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "device and stream; returns the address",
         py::arg("size"), py::arg("device") = 0, py::arg("stream") = 0);
   m.def("_test_free", &t::free_block, "Tests without a GPU: the direct path's DataPtr deleter");
+  m.def("_test_create_or_incref_pool", &t::create_or_incref_pool,
+        "Tests without a GPU: torch.cuda.MemPool()'s createOrIncrefPool");
+  m.def("_test_pool_use_count", &t::pool_use_count, "Tests without a GPU: MemPool.use_count()");
+  m.def("_test_release_pool", &t::release_pool, "Tests without a GPU: releasePool");
+  m.def("_test_begin_allocate_to_pool", &t::begin_allocate_to_pool,
+        "Tests without a GPU: use_mem_pool's beginAllocateCurrentThreadToPool, origin stream given",
+        py::arg("device"), py::arg("id0"), py::arg("id1"), py::arg("stream") = 0);
+  m.def("_test_end_allocate_to_pool", &t::end_allocate_to_pool,
+        "Tests without a GPU: endAllocateToPool");
+  m.def("_test_check_pool_live", &t::check_pool_live,
+        "Tests without a GPU: checkPoolLiveAllocations");
+  m.def("_test_checkpoint", &t::checkpoint,
+        "Tests without a GPU: getCheckpointState; returns a handle");
+  m.def("_test_restore", &t::restore,
+        "Tests without a GPU: setCheckpointPoolState; returns (freed, allocated) addresses");
 }
 #endif

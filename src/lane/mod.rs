@@ -112,6 +112,21 @@ macro_rules! forward_driver {
         ) -> $crate::driver::DriverResult<()> {
             self.$inner().check_last_error(device)
         }
+        fn malloc_sync(
+            &self,
+            device: $crate::types::Device,
+            size: usize,
+        ) -> $crate::driver::DriverResult<$crate::types::DevicePtr> {
+            self.$inner().malloc_sync(device, size)
+        }
+        fn free_sync(
+            &self,
+            device: $crate::types::Device,
+            ptr: $crate::types::DevicePtr,
+            size: usize,
+        ) -> $crate::driver::DriverResult<()> {
+            self.$inner().free_sync(device, ptr, size)
+        }
         fn mem_get_info(
             &self,
             device: $crate::types::Device,

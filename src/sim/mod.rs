@@ -51,6 +51,13 @@
 //! it is `u64::MAX`. As in CUDA, a pool starts with threshold 0 and the three reuse
 //! flags on; `init_device` sets the threshold to `u64::MAX`.
 //!
+//! **Synchronous memory.** [`Driver::malloc_sync`] (`cuMemAlloc`) takes fresh addresses
+//! from the device outside the pool (counted by [`SimDriver::sync_bytes`], and off the
+//! device's free memory); it is allowed during a capture and is not a graph allocation.
+//! [`Driver::free_sync`] (`cuMemFree`) completes the device's work first (as the real call
+//! synchronizes) and is refused, with a report, while a stream of the device is being
+//! captured; `free_async` of such a block is reported too.
+//!
 //! **Capture.** [`SimDriver::begin_capture`] puts a stream in capture mode. A stream
 //! that waits on an event recorded on a capturing stream is forked into that capture.
 //! [`SimDriver::end_capture`] requires every forked stream to be joined back: the origin
@@ -104,7 +111,7 @@ use crate::driver::{Driver, DriverResult};
 use crate::error::{
     CUDA_ERROR_INVALID_HANDLE, CUDA_ERROR_INVALID_VALUE, CUDA_ERROR_NO_DEVICE,
     CUDA_ERROR_NOT_FOUND, CUDA_ERROR_NOT_INITIALIZED, CUDA_ERROR_NOT_READY,
-    CUDA_ERROR_OUT_OF_MEMORY, CUDA_ERROR_STREAM_CAPTURE_INVALIDATED,
+    CUDA_ERROR_NOT_SUPPORTED, CUDA_ERROR_OUT_OF_MEMORY, CUDA_ERROR_STREAM_CAPTURE_INVALIDATED,
     CUDA_ERROR_STREAM_CAPTURE_UNJOINED, CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED, CUDA_ERROR_UNKNOWN,
 };
 use crate::types::{
@@ -139,6 +146,7 @@ pub fn error_name(code: i32) -> String {
         CUDA_ERROR_STREAM_CAPTURE_UNMATCHED => "CUDA_ERROR_STREAM_CAPTURE_UNMATCHED",
         CUDA_ERROR_STREAM_CAPTURE_UNJOINED => "CUDA_ERROR_STREAM_CAPTURE_UNJOINED",
         CUDA_ERROR_STREAM_CAPTURE_ISOLATION => "CUDA_ERROR_STREAM_CAPTURE_ISOLATION",
+        CUDA_ERROR_NOT_SUPPORTED => "CUDA_ERROR_NOT_SUPPORTED",
         CUDA_ERROR_UNKNOWN => "CUDA_ERROR_UNKNOWN",
         other => return format!("CUDA_ERROR_{other}"),
     };
@@ -185,6 +193,10 @@ pub enum SimOp {
     MemcpyAsync,
     /// [`Driver::memcpy`].
     Memcpy,
+    /// [`Driver::malloc_sync`].
+    MallocSync,
+    /// [`Driver::free_sync`].
+    FreeSync,
 }
 
 impl SimOp {
@@ -209,6 +221,8 @@ impl SimOp {
             SimOp::PoolSetAccess => "cuMemPoolSetAccess",
             SimOp::MemcpyAsync => "cuMemcpyAsync",
             SimOp::Memcpy => "cuMemcpyDtoD",
+            SimOp::MallocSync => "cuMemAlloc",
+            SimOp::FreeSync => "cuMemFree",
         }
     }
 }
@@ -443,6 +457,12 @@ impl SimDriver {
         self.lock().context_created(device)
     }
 
+    /// Bytes of `device` held by synchronous allocations ([`Driver::malloc_sync`]), in
+    /// rounded bytes (0 if there is no such device).
+    pub fn sync_bytes(&self, device: Device) -> u64 {
+        self.lock().sync_bytes(device)
+    }
+
     /// The capacity of `device` (0 if there is no such device).
     pub fn capacity(&self, device: Device) -> u64 {
         self.lock().capacity(device)
@@ -572,6 +592,14 @@ impl Driver for SimDriver {
 
     fn mem_get_info(&self, device: Device) -> DriverResult<MemInfo> {
         self.lock().mem_get_info(device)
+    }
+
+    fn malloc_sync(&self, device: Device, size: usize) -> DriverResult<DevicePtr> {
+        self.lock().malloc_sync(device, size)
+    }
+
+    fn free_sync(&self, device: Device, ptr: DevicePtr, _size: usize) -> DriverResult<()> {
+        self.lock().free_sync(device, ptr)
     }
 
     fn pool_attribute(&self, device: Device, attr: PoolAttribute) -> DriverResult<u64> {

@@ -131,6 +131,17 @@ impl Driver for NullDriver {
         self.check("cuMemFreeAsync", device)
     }
 
+    fn malloc_sync(&self, device: Device, size: usize) -> DriverResult<DevicePtr> {
+        self.check("cuMemAlloc", device)?;
+        let rounded = ((size as u64).saturating_add(ALIGN - 1) & !(ALIGN - 1)).max(ALIGN);
+        // Relaxed: the counter only hands out disjoint ranges; nothing else is published.
+        Ok(DevicePtr::from_raw(self.next[device].fetch_add(rounded, Ordering::Relaxed)))
+    }
+
+    fn free_sync(&self, device: Device, _: DevicePtr, _: usize) -> DriverResult<()> {
+        self.check("cuMemFree", device)
+    }
+
     fn mem_get_info(&self, device: Device) -> DriverResult<MemInfo> {
         self.check("cuMemGetInfo", device)?;
         Ok(MemInfo { free: NULL_DEVICE_MEMORY, total: NULL_DEVICE_MEMORY })

@@ -63,6 +63,8 @@ struct LiveBlock {
     captured: Option<u64>,
     /// Set by `note_cached`: idle in the allocator's cache as of (stream, tick).
     cached: Option<(Sid, u64)>,
+    /// Made by `malloc_sync` (outside the pool; freed by `free_sync` only).
+    sync: bool,
 }
 
 struct FreeBlock {
@@ -95,6 +97,8 @@ struct DeviceState {
     pool: Pool,
     null_stream: Option<Sid>,
     sticky: Option<i32>,
+    /// Rounded bytes of live `malloc_sync` blocks.
+    sync_bytes: u64,
 }
 
 struct EventState {
@@ -161,6 +165,7 @@ impl State {
                 },
                 null_stream: None,
                 sticky: None,
+                sync_bytes: 0,
             })
             .collect();
         State {
@@ -384,7 +389,7 @@ impl State {
     fn grow(&mut self, d: Device, rounded: u64) -> Option<u64> {
         let dev = &mut self.devices[d];
         let pool = &mut dev.pool;
-        if pool.reserved.checked_add(rounded)? > dev.capacity {
+        if pool.reserved.checked_add(dev.sync_bytes)?.checked_add(rounded)? > dev.capacity {
             return None;
         }
         let addr = pool.next_addr;
@@ -566,7 +571,14 @@ impl State {
         let pool = &mut self.devices[d].pool;
         pool.live.insert(
             addr,
-            LiveBlock { size: size as u64, rounded, uses, captured: capture, cached: None },
+            LiveBlock {
+                size: size as u64,
+                rounded,
+                uses,
+                captured: capture,
+                cached: None,
+                sync: false,
+            },
         );
         pool.used += rounded;
         pool.used_high = pool.used_high.max(pool.used);
@@ -595,6 +607,14 @@ impl State {
             self.report(msg);
             return Err(err(op, CUDA_ERROR_INVALID_VALUE));
         };
+        if block.sync {
+            let msg = format!(
+                "cuMemFreeAsync of {ptr} on device {d}, which cuMemAlloc made ({})",
+                self.describe(sid)
+            );
+            self.report(msg);
+            return Err(err(op, CUDA_ERROR_INVALID_VALUE));
+        }
         let (captured, uses, rounded) = (block.captured, block.uses.clone(), block.rounded);
         if let Some(c) = self.streams[sid].capture
             && captured != Some(c)
@@ -629,7 +649,72 @@ impl State {
     pub(crate) fn mem_get_info(&mut self, d: Device) -> DriverResult<MemInfo> {
         self.enter(SimOp::MemGetInfo, Some(d))?;
         let dev = &self.devices[d];
-        Ok(MemInfo { free: dev.capacity.saturating_sub(dev.pool.reserved), total: dev.capacity })
+        let taken = dev.pool.reserved.saturating_add(dev.sync_bytes);
+        Ok(MemInfo { free: dev.capacity.saturating_sub(taken), total: dev.capacity })
+    }
+
+    pub(crate) fn malloc_sync(&mut self, d: Device, size: usize) -> DriverResult<DevicePtr> {
+        let op = SimOp::MallocSync;
+        self.enter(op, Some(d))?;
+        if size == 0 {
+            return Err(err(op, CUDA_ERROR_INVALID_VALUE));
+        }
+        let oom = || err(op, CUDA_ERROR_OUT_OF_MEMORY);
+        let rounded = round(size).ok_or_else(oom)?;
+        let dev = &mut self.devices[d];
+        let taken = dev.pool.reserved.saturating_add(dev.sync_bytes);
+        if taken.checked_add(rounded).is_none_or(|t| t > dev.capacity) {
+            return Err(oom());
+        }
+        let addr = dev.pool.next_addr;
+        dev.pool.next_addr = addr.checked_add(rounded).ok_or_else(oom)?;
+        dev.sync_bytes += rounded;
+        let block = LiveBlock {
+            size: size as u64,
+            rounded,
+            uses: VClock::default(),
+            captured: None,
+            cached: None,
+            sync: true,
+        };
+        dev.pool.live.insert(addr, block);
+        Ok(DevicePtr::from_raw(addr))
+    }
+
+    pub(crate) fn free_sync(&mut self, d: Device, ptr: DevicePtr) -> DriverResult<()> {
+        let op = SimOp::FreeSync;
+        self.enter(op, Some(d))?;
+        let addr = ptr.as_raw();
+        let Some(rounded) =
+            self.devices[d].pool.live.get(&addr).filter(|b| b.sync).map(|b| b.rounded)
+        else {
+            self.report(format!("cuMemFree of {ptr} on device {d}: not a cuMemAlloc block"));
+            return Err(err(op, CUDA_ERROR_INVALID_VALUE));
+        };
+        let capturing = self
+            .streams
+            .iter()
+            .enumerate()
+            .find(|(_, s)| s.device == d && s.capture.is_some())
+            .map(|(sid, _)| sid);
+        if let Some(sid) = capturing {
+            let msg = format!(
+                "cuMemFree of {ptr} on device {d} while {} is being captured",
+                self.describe(sid)
+            );
+            self.report(msg);
+            return Err(err(op, CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED));
+        }
+        // cuMemFree synchronizes: every use of the block has completed.
+        self.complete_device(d);
+        let dev = &mut self.devices[d];
+        dev.pool.live.remove(&addr);
+        dev.sync_bytes -= rounded;
+        Ok(())
+    }
+
+    pub(crate) fn sync_bytes(&self, d: Device) -> u64 {
+        self.devices.get(d).map_or(0, |x| x.sync_bytes)
     }
 
     pub(crate) fn pool_attribute(&mut self, d: Device, attr: PoolAttribute) -> DriverResult<u64> {

@@ -11,7 +11,14 @@ not need a CUDA driver:
     state, none) and skip_actions; the pickle read back by torch.cuda._memory_viz;
   * OOM observers: called with (device, requested, total, free) by a refused
     allocation, which raises torch.OutOfMemoryError; an observer's exception is
-    rethrown from the allocation, and the allocator works afterwards.
+    rethrown from the allocation, and the allocator works afterwards;
+  * private pools (torch.cuda.MemPool, use_mem_pool, graph trees' checkpoints): the
+    shim's overrides createOrIncrefPool, getPoolUseCount, beginAllocateToPool (a
+    use_mem_pool thread filter), endAllocateToPool, releasePool,
+    checkPoolLiveAllocations, getCheckpointState / setCheckpointPoolState, through the
+    same c10 calls PyTorch makes, and PyTorch's own bindings where they need no CUDA
+    (torch._C._cuda_beginAllocateToPool, _cuda_endAllocateToPool, _cuda_releasePool,
+    _cuda_checkPoolLiveAllocations, _cuda_getCheckpointState).
 
 PyTorch's bindings for recordHistory and OOM observers initialize CUDA first, so the
 shim's `_test_*` entry points do their work here (same c10 calls, same arguments).
@@ -31,6 +38,7 @@ import os
 import pickle
 import sys
 import tempfile
+import threading
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import streamalloc_torch as s  # noqa: E402
@@ -237,5 +245,74 @@ def check_oom_observer():
 
 check_stats()
 check_history_and_snapshot()
+def allocated():
+    return torch._C._cuda_memoryStats(0)["allocated_bytes"]["all"]["current"]
+
+
+def reserved():
+    return torch._C._cuda_memoryStats(0)["reserved_bytes"]["all"]["current"]
+
+
+def check_pools():
+    dev, pid = 0, (0, 4242)
+    alloc0, reserved0 = allocated(), reserved()
+    # torch.cuda.MemPool(): createOrIncrefPool; use_mem_pool: begin (a user more), the
+    # thread's allocations, end, release.
+    shim._test_create_or_incref_pool(dev, *pid)
+    assert shim._test_pool_use_count(dev, *pid) == 1
+    shim._test_begin_allocate_to_pool(dev, *pid, 0)
+    assert shim._test_pool_use_count(dev, *pid) == 2
+    a = shim._test_alloc(2 * MiB, 0, 0)
+    b = shim._test_alloc(3 * MiB, 0, 0)
+    other = []
+    t = threading.Thread(target=lambda: other.append(shim._test_alloc(MiB, 0, 0)))
+    t.start()
+    t.join()
+    shim._test_end_allocate_to_pool(dev, *pid)
+    shim._test_release_pool(dev, *pid)
+    assert shim._test_pool_use_count(dev, *pid) == 1
+    # Only this thread's allocations went to the pool (use_mem_pool's filter).
+    assert shim._test_check_pool_live(dev, *pid, [a, b])
+    assert not shim._test_check_pool_live(dev, *pid, [a, b, other[0]])
+    assert not shim._test_check_pool_live(dev, *pid, [a])
+    assert torch._C._cuda_checkPoolLiveAllocations(dev, pid, {a, b})
+    assert allocated() == alloc0 + 6 * MiB, (allocated(), alloc0)
+    assert reserved() >= reserved0 + 5 * MiB
+    shim._test_free(other[0])
+    # Graph trees: checkpoint after a recording, then restore before the next one.
+    h = shim._test_checkpoint(dev, *pid)
+    assert torch._C._cuda_getCheckpointState(dev, pid) is not None
+    shim._test_free(a)
+    torch._C._cuda_beginAllocateToPool(dev, pid)  # every stream (PyTorch's binding)
+    c = shim._test_alloc(4 * MiB, 0, 0)
+    torch._C._cuda_endAllocateToPool(dev, pid)
+    torch._C._cuda_releasePool(dev, pid)
+    assert shim._test_check_pool_live(dev, *pid, [b, c])
+    freed, allocd = shim._test_restore(dev, h)
+    assert sorted(freed) == sorted([b, c]), (freed, b, c)
+    assert sorted(allocd) == sorted([a, b]), (allocd, a, b)
+    assert shim._test_check_pool_live(dev, *pid, [a, b])
+    assert allocated() == alloc0 + 5 * MiB, (allocated(), alloc0)
+    # A checkpoint of a pool nobody made, a release too many: refused with the message.
+    try:
+        shim._test_checkpoint(dev, 0, 4243)
+        raise AssertionError("checkpoint of an unknown pool accepted")
+    except RuntimeError as e:
+        assert "no private pool (0, 4243)" in str(e), e
+    # del tensors, del pool: the memory goes back.
+    shim._test_free(a)
+    shim._test_free(b)
+    assert allocated() == alloc0
+    shim._test_release_pool(dev, *pid)
+    assert shim._test_pool_use_count(dev, *pid) == 0
+    assert reserved() <= reserved0 + 4 * MiB, (reserved(), reserved0)  # c's block is free
+    torch._C._cuda_emptyCache()
+    # One release too many: a warning (TORCH_WARN on stderr here), never an exception
+    # (releasePool runs in MemPool's and CUDAGraph's destructors).
+    torch._C._cuda_releasePool(dev, pid)
+    assert shim._test_pool_use_count(dev, *pid) == 0
+
+
 check_oom_observer()
+check_pools()
 print("shim smoke test on the simulated device: ok")

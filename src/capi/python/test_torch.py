@@ -5,6 +5,7 @@ backend (the seed).
     python3 test_torch.py --out DIR                      # everything; exit 1 on a failure
     python3 test_torch.py --out DIR --tests cross_device,ddp   # the 2-GPU rows only
     python3 test_torch.py --out DIR --tests snapshot,history,oom_observer,compile
+    python3 test_torch.py --out DIR --tests compile,mempool,graph_pool
 
 Each test runs in its own subprocess (the allocator is process-wide and fixed before
 CUDA is first used): `test_torch.py --worker MODE TEST` with MODE native (PyTorch's
@@ -24,14 +25,18 @@ compared with the seed's where both answer:
   ddp             DDP over 2 GPUs, one process each; final weights equal to native's
 Plus: train (bitwise losses against native), record_stream, threads, oom, graph.
 
-PyTorch's memory tools, each run in all three modes (the seed refuses the first four:
-"NOT SUPPORTED" rows, not failures; so does streamalloc for compile, a known gap, see
-DESIGN.md "History, OOM observers, snapshots"):
+PyTorch's memory tools and private pools, each run in all three modes (the seed refuses
+the memory tools, MemPool and graph trees: "NOT SUPPORTED" rows, not failures):
   snapshot        _record_memory_history, a short training, _dump_snapshot: the pickle
                   lists every live tensor (size, state, frames) and memory_viz reads it
   history         the history entries of a scripted sequence of allocations and frees
   oom_observer    torch._C._cuda_attach_out_of_memory_observer fired by a real OOM
   compile         torch.compile(mode="reduce-overhead") (CUDA-graph trees) matches eager
+                  on every call, new inputs and batch sizes, earlier outputs kept alive
+  mempool         torch.cuda.MemPool + use_mem_pool: values, use_count() 1/2/1, the
+                  pool's live set (checkPoolLiveAllocations), memory back after del
+  graph_pool      two torch.cuda.graph captures into one graph_pool_handle() pool,
+                  replays with new inputs match eager, output addresses stable
 
 The last line reads "N passed (K skipped), M failed", with "; U not supported (...)"
 when some rows are; exit status 1 when M > 0.
@@ -467,37 +472,142 @@ def t_oom_observer(torch, mode):
 
 
 def t_compile(torch, mode):
-    """torch.compile(mode="reduce-overhead") (CUDA-graph trees) matches eager."""
+    """torch.compile(mode="reduce-overhead") (CUDA-graph trees) matches eager: calls with
+    new inputs each time and changing batch sizes (new recordings into the same private
+    pool while earlier outputs are alive: getCheckpointState / setCheckpointPoolState),
+    outputs compared with torch.testing.assert_close on every call."""
     import torch.nn as nn
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(128, 256), nn.GELU(), nn.Linear(256, 64)).cuda().eval()
     compiled = torch.compile(model, mode="reduce-overhead")
+
+    def two(x, y):
+        h = torch.relu(x @ y.t())
+        return h.sum(dim=1), h * 2 - 1
+    compiled_two = torch.compile(two, mode="reduce-overhead")
     worst = 0.0
+    calls = 0
+    kept = []  # raw outputs of earlier calls, alive (never read) across later runs
     with torch.no_grad():
-        for _ in range(6):
-            x = torch.randn(32, 128, device="cuda")
+        for batch in (32, 32, 32, 16, 16, 32, 8, 32, 16, 32):
+            x = torch.randn(batch, 128, device="cuda")
             want = model(x)
-            got = compiled(x).clone()
+            raw = compiled(x)
+            got = raw.clone()
+            kept = kept[-2:] + [raw]
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
             worst = max(worst, float((got - want).abs().max()))
-    return {"ok": worst <= 1e-4, "max_abs_diff": worst}
+            y = torch.randn(64, 128, device="cuda")
+            s_want, m_want = two(x, y)
+            s_got, m_got = (t.clone() for t in compiled_two(x, y))
+            torch.testing.assert_close(s_got, s_want, rtol=1e-4, atol=1e-3)
+            torch.testing.assert_close(m_got, m_want, rtol=1e-4, atol=1e-4)
+            calls += 1
+    del kept
+    return {"ok": worst <= 1e-4, "max_abs_diff": worst, "calls": calls}
+
+
+def t_mempool(torch, mode):
+    """torch.cuda.MemPool and use_mem_pool: values, use_count, the pool's live blocks,
+    memory back after the tensors and the pool are gone."""
+    import gc
+    n = 16 << 20  # 64 MiB of float32
+    torch.randn(16, device="cuda")  # CUDA and the generator up, outside the pool
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    free0 = torch.cuda.mem_get_info()[0]
+    alloc0 = torch.cuda.memory_allocated()
+    pool = torch.cuda.MemPool()
+    counts = [pool.use_count()]
+    with torch.cuda.use_mem_pool(pool):
+        counts.append(pool.use_count())
+        x = torch.randn(n, device="cuda")
+        y = x * 2 + 1
+    counts.append(pool.use_count())
+    outside = torch.ones(1024, device="cuda")
+    torch.testing.assert_close(y, x * 2 + 1)
+    dev = torch.cuda.current_device()
+    ptrs = {x.untyped_storage().data_ptr(), y.untyped_storage().data_ptr()}
+    live_exact = torch._C._cuda_checkPoolLiveAllocations(dev, pool.id, ptrs)
+    live_more = torch._C._cuda_checkPoolLiveAllocations(
+        dev, pool.id, ptrs | {outside.untyped_storage().data_ptr()})
+    torch.cuda.synchronize()
+    held = free0 - torch.cuda.mem_get_info()[0]
+    allocated_in = torch.cuda.memory_allocated() - alloc0
+    del x, y
+    del pool
+    gc.collect()
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    back = free0 - torch.cuda.mem_get_info()[0]
+    allocated_after = torch.cuda.memory_allocated() - alloc0
+    ok = (counts == [1, 2, 1] and live_exact and not live_more and held >= 2 * n * 4
+          and allocated_in >= 2 * n * 4 and back <= 32 * MiB and allocated_after <= 2 * MiB)
+    return {"ok": ok, "use_counts": counts, "live_exact": live_exact, "live_more": live_more,
+            "held": held, "back": back, "allocated_in": allocated_in,
+            "allocated_after": allocated_after}
+
+
+def t_graph_pool(torch, mode):
+    """torch.cuda.graph(g, pool=...): two graphs captured into one private pool (the
+    second reads the first's output), replays with new inputs match eager."""
+    n = 1 << 20
+    static_in = torch.randn(n, device="cuda")
+    w = torch.randn(n, device="cuda")
+
+    def f(x):
+        return torch.relu(x * w + 1).sin() * 2
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            f(static_in)
+    torch.cuda.current_stream().wait_stream(side)
+    pool = torch.cuda.graph_pool_handle()
+    g1, g2 = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g1, pool=pool):
+        out1 = f(static_in)
+    with torch.cuda.graph(g2, pool=pool):
+        out2 = out1 * 3 - static_in
+    addresses = (out1.data_ptr(), out2.data_ptr())
+    worst = 0.0
+    for _ in range(4):
+        static_in.copy_(torch.randn(n, device="cuda"))
+        g1.replay()
+        g2.replay()
+        torch.cuda.synchronize()
+        e1 = f(static_in)
+        e2 = e1 * 3 - static_in
+        torch.testing.assert_close(out1, e1)
+        torch.testing.assert_close(out2, e2)
+        worst = max(worst, float((out2 - e2).abs().max()))
+    stable = addresses == (out1.data_ptr(), out2.data_ptr())
+    after = torch.full((n,), 7.0, device="cuda")
+    ok = stable and bool((after == 7.0).all())
+    del g1, g2, out1, out2
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    return {"ok": ok, "max_abs_diff": worst}
 
 
 TESTS = {"train": t_train, "record_stream": t_record_stream, "threads": t_threads,
          "oom": t_oom, "graph": t_graph, "memory_stats": t_memory_stats,
          "memory_api": t_memory_api, "cudnn_benchmark": t_cudnn_benchmark,
          "cross_device": t_cross_device, "ddp": t_ddp, "snapshot": t_snapshot,
-         "history": t_history, "oom_observer": t_oom_observer, "compile": t_compile}
+         "history": t_history, "oom_observer": t_oom_observer, "compile": t_compile,
+         "mempool": t_mempool, "graph_pool": t_graph_pool}
 # The issue's table: every mode runs these.
 TABLE = ("memory_stats", "memory_api", "cudnn_benchmark", "cross_device", "ddp")
 # streamalloc's own (the seed's behaviours through the shim).
 OWN = ("record_stream", "threads", "oom", "graph")
 # PyTorch's memory tools: every mode runs these.
-FEATURES = ("snapshot", "history", "oom_observer", "compile")
+FEATURES = ("snapshot", "history", "oom_observer", "compile", "mempool", "graph_pool")
 MODES = ("native", "cma", "streamalloc")
 # Known refusals, reported as NOT SUPPORTED rather than failures when the allocator says
-# so with PyTorch's words: the seed (cudaMallocAsync) has none of the memory tools, and
-# streamalloc has no private pools for CUDA-graph trees (DESIGN.md).
-KNOWN_GAPS = {("cma", t) for t in FEATURES} | {("streamalloc", "compile")}
+# so with PyTorch's words: the seed (cudaMallocAsync) has none of the memory tools nor
+# private pools (streamalloc has them: DESIGN.md, "Private pools").
+KNOWN_GAPS = {("cma", t) for t in FEATURES}
 REFUSALS = ("does not yet support", "is not meaningful")
 
 
@@ -560,7 +670,7 @@ def detail(r):
     keys = ("bad_elements", "raised", "missing", "continues", "errors", "n_keys",
             "allocated_delta", "ooms_counted", "after_free", "peak", "peak_after_reset",
             "max_abs_diff_vs_no_benchmark", "rank_rcs", "viz_missing", "frames", "segments",
-            "trace_entries", "got", "seen", "max_abs_diff")
+            "trace_entries", "got", "seen", "max_abs_diff", "use_counts", "back")
     return ", ".join(f"{k}={r[k]}" for k in keys if k in r)[:110]
 
 
