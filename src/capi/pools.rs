@@ -313,8 +313,11 @@ pub extern "C" fn streamalloc_pool_end_allocate_to(device: c_int, id0: u64, id1:
 
 /// Allocates `size` bytes from the pool, ordered on `stream` (whatever the contexts).
 /// NULL on failure (last error set) and for size 0.
+///
+/// # Safety
+/// `stream_` must be a live CUDA stream of `device` (or null): it goes to the driver.
 #[unsafe(no_mangle)]
-pub extern "C" fn streamalloc_pool_alloc(
+pub unsafe extern "C" fn streamalloc_pool_alloc(
     device: c_int,
     id0: u64,
     id1: u64,

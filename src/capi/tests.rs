@@ -15,6 +15,11 @@ fn streamalloc_alloc(size: usize, device: c_int, stream: CudaStream) -> *mut c_v
     unsafe { super::streamalloc_alloc(size, device, stream) }
 }
 
+fn pool_alloc(device: c_int, id0: u64, id1: u64, size: usize, stream: CudaStream) -> *mut c_void {
+    // Safety: see above.
+    unsafe { pools::streamalloc_pool_alloc(device, id0, id1, size, stream) }
+}
+
 fn streamalloc_record_stream(ptr: *mut c_void, stream: CudaStream) {
     // Safety: see above.
     unsafe { super::streamalloc_record_stream(ptr, stream) }
@@ -745,8 +750,8 @@ fn checkpoint_restore_and_live_check_through_the_c_abi() {
     let s = sim.new_stream(0).unwrap();
     let (d, id0, id1) = (0, 0, 103);
     assert_eq!(pools::streamalloc_pool_create_or_incref(d, id0, id1), 0);
-    let a = pools::streamalloc_pool_alloc(d, id0, id1, 1000, sptr(s));
-    let b = pools::streamalloc_pool_alloc(d, id0, id1, 3000, sptr(s));
+    let a = pool_alloc(d, id0, id1, 1000, sptr(s));
+    let b = pool_alloc(d, id0, id1, 3000, sptr(s));
     assert!(!a.is_null() && !b.is_null(), "{:?}", last_error());
     let mut count = 0usize;
     // Safety: capacity 0 with a NULL buffer; count is valid.
@@ -768,7 +773,7 @@ fn checkpoint_restore_and_live_check_through_the_c_abi() {
     };
     assert_eq!(r, 0);
     streamalloc_free(a, 0, 0, std::ptr::null_mut());
-    let c = pools::streamalloc_pool_alloc(d, id0, id1, 5000, sptr(s));
+    let c = pool_alloc(d, id0, id1, 5000, sptr(s));
     let check = |ptrs: &[*mut c_void]| {
         let mut same = -1;
         // Safety: ptrs is a live slice; same is valid.
@@ -838,7 +843,7 @@ fn pool_calls_refuse_bad_input() {
     assert_eq!(pools::streamalloc_pool_create_or_incref(7, 0, 999), invalid);
     assert_eq!(pools::streamalloc_pool_create_or_incref(-1, 0, 999), invalid);
     assert_eq!(pools::streamalloc_pool_use_count(0, 0, 0), -1);
-    assert!(pools::streamalloc_pool_alloc(0, 0, 999, 64, std::ptr::null_mut()).is_null());
+    assert!(pool_alloc(0, 0, 999, 64, std::ptr::null_mut()).is_null());
     assert_eq!(streamalloc_last_error_code(), invalid);
     assert_eq!(pools::streamalloc_pool_end_allocate_to(0, 0, 999), invalid);
     let mut out = 0;
@@ -852,7 +857,7 @@ fn pool_calls_refuse_bad_input() {
     assert_eq!(r, invalid);
     // A pool block on device 0 is not device 1's pool's.
     assert_eq!(pools::streamalloc_pool_create_or_incref(0, 0, 998), 0);
-    let p = pools::streamalloc_pool_alloc(0, 0, 998, 64, std::ptr::null_mut());
+    let p = pool_alloc(0, 0, 998, 64, std::ptr::null_mut());
     assert!(!p.is_null());
     let mut same = -1;
     // Safety: one pointer; same is valid.
@@ -981,7 +986,7 @@ fn graph_tree_sequence() {
     assert!(live(&[x, w, o1]));
     // The warm-up output dies; graph trees later free the checkpoint's dead blocks.
     streamalloc_free(w, 0, 0, std::ptr::null_mut());
-    let o_extra = pools::streamalloc_pool_alloc(d, id0, id1, 4096, sptr(s.stream));
+    let o_extra = pool_alloc(d, id0, id1, 4096, sptr(s.stream));
     assert!(live(&[x, o1, o_extra]));
     // Before the next recording: the checkpoint's state, then raw_delete of the dead.
     // Safety: cp holds count blocks; no callback.
@@ -1032,7 +1037,7 @@ fn base_alloc_and_record_stream_know_pool_blocks() {
     let other = sim.new_usage_stream(0).unwrap();
     let (id0, id1) = (0, 106);
     assert_eq!(pools::streamalloc_pool_create_or_incref(0, id0, id1), 0);
-    let p = pools::streamalloc_pool_alloc(0, id0, id1, 3000, sptr(s.stream));
+    let p = pool_alloc(0, id0, id1, 3000, sptr(s.stream));
     let mut size = 0usize;
     // Safety: size is a valid usize.
     assert_eq!(unsafe { streamalloc_base_alloc(p, &mut size) }, p);
@@ -1048,7 +1053,7 @@ fn base_alloc_and_record_stream_know_pool_blocks() {
         streamalloc_record_stream_on(p, sptr(other.stream), 0),
         ErrorCode::InvalidArgument as c_int
     );
-    assert_eq!(pools::streamalloc_pool_alloc(0, id0, id1, 3000, sptr(s.stream)), p);
+    assert_eq!(pool_alloc(0, id0, id1, 3000, sptr(s.stream)), p);
     assert!(sim.happens_before(other, s));
     streamalloc_free(p, 0, 0, std::ptr::null_mut());
     assert_eq!(pools::streamalloc_pool_release(0, id0, id1), 0);
