@@ -25,6 +25,7 @@ pub use types::{
 };
 
 mod block;
+mod blockmap;
 mod budget;
 pub mod cache;
 pub mod core;
@@ -35,6 +36,7 @@ mod freed;
 pub mod lane;
 pub use lane::{DelegateLane, DriverLane, Laned, LockLane};
 pub mod replica;
+mod spin;
 mod sync;
 #[cfg(all(test, streamalloc_loom))]
 mod tests;
