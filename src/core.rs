@@ -6,7 +6,7 @@
 //!   ┌──────────────────────┼─────────────────────────────────────────────┐
 //!   │ EpochGate  one word: even = no capture, odd = capture (+ grace)    │
 //!   ├──────────────────────┼─────────────────────────────────────────────┤
-//!   │ blocks: BlockMap, address → Arc<Record> (256 spin-locked shards)   │
+//!   │ blocks: BlockMap, address → Arc<Record> (1024 spin-locked shards)  │
 //!   ├──────────────┬───────┴──────┬──────────────┬───────────────────────┤
 //!   │ Shard dev 0  │ Shard dev 1  │ ...          │ deferred frees        │
 //!   │  Budget      │  Budget      │              │ (SegQueue, S4)        │
