@@ -432,7 +432,7 @@ impl<D: Driver> StreamAlloc<D> {
         self.history.note(Action::SegmentAlloc, device, ptr.as_raw(), alloc_size, stream);
         let state = G::STATE;
         let rec = Record::new(ptr, device, size, alloc_size, stream, captured, cacheable, state);
-        let rec = Arc::new(rec);
+        let rec = Record::shared(rec);
         let grant = G::fresh(&rec);
         if let Some(stale) = self.blocks.insert(rec) {
             // The driver handed out an address we hold: its books and ours disagree.
@@ -498,8 +498,10 @@ impl<D: Driver> StreamAlloc<D> {
         }
         // Out of the map before the driver free: the driver may hand the address out
         // again at once, and the new block's record must not be the one removed.
-        let _map_ref = self.blocks.remove(&rec);
-        self.free_gone(&rec, &section)
+        drop(self.blocks.remove(&rec));
+        let result = self.free_gone(&rec, &section);
+        Record::retire(rec);
+        result
     }
 
     /// The pointer API's free when the front cache is off: the block goes `LIVE` →
@@ -513,7 +515,11 @@ impl<D: Driver> StreamAlloc<D> {
             .blocks
             .remove_if(ptr.as_raw(), |r| (r.captured || !capturing) && r.transition(LIVE, GONE));
         match taken {
-            Some(rec) => self.free_gone(&rec, &section),
+            Some(rec) => {
+                let result = self.free_gone(&rec, &section);
+                Record::retire(rec);
+                result
+            }
             None => {
                 drop(section);
                 self.free_looked_up(ptr)
