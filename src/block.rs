@@ -144,6 +144,9 @@ impl Record {
     /// spare. Nobody can take a new reference to it: it is in no map or list.
     #[inline]
     pub(crate) fn retire(rec: Arc<Record>) {
+        // A relaxed read: seeing 1 means every other holder's decrement has happened;
+        // `shared` orders their last uses before its write with `get_mut`'s Acquire (and
+        // falls back to a new record if `get_mut` disagrees).
         if Arc::strong_count(&rec) == 1 {
             let _ = SPARE.try_with(|s| {
                 let mut s = s.borrow_mut();

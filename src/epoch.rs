@@ -100,7 +100,9 @@ impl Counter<'_> {
     #[inline]
     fn announce(self) {
         if self.owned {
-            // Only this thread writes its counter: a store of the value plus one.
+            // Only this thread writes its counter, so a Relaxed load reads its own last
+            // store (or the previous owner's, ordered by `thread_slot`'s registry); the
+            // store is the pattern's SeqCst store (pairs with the writer's counter read).
             let now = self.counter.load(Ordering::Relaxed);
             self.counter.store(now + 1, DEKKER_STORE);
         } else {
