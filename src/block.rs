@@ -17,14 +17,18 @@
 //!        └── released to the driver ──▶ GONE ◀── driver free ─────────────└──────────┘
 //! ```
 //!
-//! The state moves by compare-and-swap, so of two racing frees exactly one wins and the
-//! other is a double free, whichever APIs they came through. The fields a record is
+//! A block handed out through the handle API is `HANDLE` rather than `LIVE` (the same
+//! transitions): only its handle moves it on, so that move is a plain store, and the
+//! pointer API's free finds it `HANDLE` and is refused. Every other move is a
+//! compare-and-swap, so of two racing frees exactly one wins and the other is a double
+//! free, whichever APIs they came through. The fields a record is
 //! created with (address, device, creation stream, bytes from the driver) never change.
 
 use crate::api::BlockSnapshot;
 use crate::types::{Device, DevicePtr, Stream, UsageStream};
-use std::sync::Mutex;
+use std::cell::RefCell;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 /// Allocations of this size or more are refused outright (S3), as the seed does.
 pub const ONE_EXBIBYTE: u64 = 1 << 60;
@@ -32,14 +36,33 @@ pub const ONE_EXBIBYTE: u64 = 1 << 60;
 /// `Record::class` of a block that cannot be cached.
 pub(crate) const NO_CLASS: u8 = u8::MAX;
 
-/// Handed out to a caller.
+/// Handed out to a caller of the pointer API.
 pub(crate) const LIVE: u8 = 1;
+/// Handed out to a handle ([`crate::Block`]): live, and moved on by that handle alone
+/// (the pointer API may not free it).
+pub(crate) const HANDLE: u8 = 5;
 /// Idle in a stream cache.
 pub(crate) const CACHED: u8 = 2;
 /// Freed during a capture, its free deferred until the capture ends (S4).
 pub(crate) const DEFERRED: u8 = 3;
 /// Given back to the driver (or on its way there).
 pub(crate) const GONE: u8 = 4;
+
+/// Whether a block in `state` is handed out (through either API).
+#[inline]
+pub(crate) fn is_live(state: u8) -> bool {
+    state == LIVE || state == HANDLE
+}
+
+/// Records a thread keeps for its next blocks: the driver tier makes a record per block
+/// and drops it with the block, a heap allocation and free per pair (about 140 of the
+/// 1100 instructions of a null-driver pair through glibc) that a reused one avoids.
+const SPARE_RECORDS: usize = 16;
+
+thread_local! {
+    /// This thread's spare records: no one else refers to them.
+    static SPARE: RefCell<Vec<Arc<Record>>> = const { RefCell::new(Vec::new()) };
+}
 
 /// One block of device memory (the seed's `PtrUsage`, plus the cache's state).
 #[derive(Debug)]
@@ -59,8 +82,6 @@ pub(crate) struct Record {
     /// The requested size of the current use (S10).
     size: AtomicU64,
     state: AtomicU8,
-    /// Owned by a handle ([`crate::Block`]): the pointer API may not free it.
-    handle: AtomicBool,
     /// Whether `recorded` holds any stream (read without the lock on every free).
     has_recorded: AtomicBool,
     /// Streams recorded with `record_stream` (rare).
@@ -70,7 +91,8 @@ pub(crate) struct Record {
 }
 
 impl Record {
-    /// A block fresh from the driver, live.
+    /// A block fresh from the driver, handed out in `state` (`LIVE` or `HANDLE`).
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         ptr: DevicePtr,
         device: Device,
@@ -79,6 +101,7 @@ impl Record {
         stream: Stream,
         captured: bool,
         cacheable: bool,
+        state: u8,
     ) -> Self {
         Record {
             ptr: ptr.as_raw(),
@@ -91,11 +114,46 @@ impl Record {
                 _ => NO_CLASS,
             },
             size: AtomicU64::new(size),
-            state: AtomicU8::new(LIVE),
-            handle: AtomicBool::new(false),
+            state: AtomicU8::new(state),
             has_recorded: AtomicBool::new(false),
             recorded: Mutex::new(Vec::new()),
             idle_since: AtomicU64::new(0),
+        }
+    }
+
+    /// `rec` in an `Arc`: in a spare record of this thread if it has one, else a new one.
+    #[inline]
+    pub(crate) fn shared(rec: Record) -> Arc<Record> {
+        let spare = SPARE.try_with(|s| s.borrow_mut().pop()).ok().flatten();
+        match spare {
+            Some(mut arc) => match Arc::get_mut(&mut arc) {
+                // Acquire (in `get_mut`): pairs with the Release decrements of the clones
+                // other threads dropped, so their last uses come before this write.
+                Some(slot) => {
+                    *slot = rec;
+                    arc
+                }
+                None => Arc::new(rec),
+            },
+            None => Arc::new(rec),
+        }
+    }
+
+    /// Drops the caller's reference to a record whose block is gone; when it is the only
+    /// one (the block map and every handle let go), the record is kept as this thread's
+    /// spare. Nobody can take a new reference to it: it is in no map or list.
+    #[inline]
+    pub(crate) fn retire(rec: Arc<Record>) {
+        // A relaxed read: seeing 1 means every other holder's decrement has happened;
+        // `shared` orders their last uses before its write with `get_mut`'s Acquire (and
+        // falls back to a new record if `get_mut` disagrees).
+        if Arc::strong_count(&rec) == 1 {
+            let _ = SPARE.try_with(|s| {
+                let mut s = s.borrow_mut();
+                if s.len() < SPARE_RECORDS {
+                    s.push(rec);
+                }
+            });
         }
     }
 
@@ -128,17 +186,33 @@ impl Record {
         self.state.compare_exchange(from, to, Ordering::AcqRel, Ordering::Acquire).is_ok()
     }
 
-    /// A cached block handed out again for `size` bytes. The caller holds it: it came
-    /// off a free list, so no other thread can hand it out, and a racing free of the
-    /// address (a double free) fails its `LIVE` compare-and-swap until this store; a
-    /// plain store suffices.
+    /// Moves the state `from` → `to` for the caller that owns the block in `from`: a
+    /// handle's block (`HANDLE`) is moved on by its handle alone (a pointer-API free
+    /// finds it `HANDLE` and is refused; nothing else moves a block out of `HANDLE`), so
+    /// a store suffices; any other state may be raced by a second free, so it moves by
+    /// compare-and-swap. False if a racing free won.
     #[inline]
-    pub(crate) fn reuse(&self, size: u64, handle: bool) {
+    pub(crate) fn leave(&self, from: u8, to: u8) -> bool {
+        if from == HANDLE {
+            debug_assert_eq!(self.state(), HANDLE, "only its handle moves a handle's block");
+            // Release: pairs with the Acquire loads of the state, as a transition's does.
+            self.state.store(to, Ordering::Release);
+            true
+        } else {
+            self.transition(from, to)
+        }
+    }
+
+    /// A cached block handed out again for `size` bytes, in `state` (`LIVE` or
+    /// `HANDLE`). The caller holds it: it came off a free list, so no other thread can
+    /// hand it out, and a racing free of the address (a double free) fails its `LIVE`
+    /// compare-and-swap until this store; a plain store suffices.
+    #[inline]
+    pub(crate) fn reuse(&self, size: u64, state: u8) {
         debug_assert_eq!(self.state(), CACHED, "a block off a free list is idle");
         self.size.store(size, Ordering::Relaxed);
-        self.handle.store(handle, Ordering::Relaxed);
         // Release: pairs with the Acquire loads of the state (the size is visible first).
-        self.state.store(LIVE, Ordering::Release);
+        self.state.store(state, Ordering::Release);
     }
 
     pub(crate) fn idle_since(&self) -> u64 {
@@ -147,15 +221,6 @@ impl Record {
 
     pub(crate) fn set_idle_since(&self, tick: u64) {
         self.idle_since.store(tick, Ordering::Relaxed);
-    }
-
-    pub(crate) fn set_handle(&self, handle: bool) {
-        self.handle.store(handle, Ordering::Relaxed);
-    }
-
-    /// Whether a handle owns the block (its pointer-API free is refused).
-    pub(crate) fn owned_by_handle(&self) -> bool {
-        self.handle.load(Ordering::Relaxed)
     }
 
     /// Whether the block was recorded on a stream other than its creation stream.

@@ -6,7 +6,7 @@
 //!   ┌──────────────────────┼─────────────────────────────────────────────┐
 //!   │ EpochGate  one word: even = no capture, odd = capture (+ grace)    │
 //!   ├──────────────────────┼─────────────────────────────────────────────┤
-//!   │ blocks: DashMap<address, Arc<Record>> (pointer hasher, 256 shards) │
+//!   │ blocks: BlockMap, address → Arc<Record> (1024 spin-locked shards)  │
 //!   ├──────────────┬───────┴──────┬──────────────┬───────────────────────┤
 //!   │ Shard dev 0  │ Shard dev 1  │ ...          │ deferred frees        │
 //!   │  Budget      │  Budget      │              │ (SegQueue, S4)        │
@@ -22,7 +22,8 @@
 //! device's first use and for capture transitions.
 
 use crate::api::{BlockSnapshot, DeviceStats, StreamOrderedAllocator};
-use crate::block::{CACHED, DEFERRED, GONE, LIVE, NO_CLASS, Orphan, Record};
+use crate::block::{CACHED, DEFERRED, GONE, HANDLE, LIVE, NO_CLASS, Orphan, Record, is_live};
+use crate::blockmap::BlockMap;
 use crate::budget::Budget;
 use crate::cache::{CacheConfig, FrontCache, Released};
 use crate::driver::Driver;
@@ -36,59 +37,60 @@ use crate::warn::{WarningCounts, Warnings};
 use arc_swap::ArcSwapOption;
 use crossbeam::queue::SegQueue;
 use crossbeam::utils::CachePadded;
-use dashmap::{DashMap, DashSet};
-use std::hash::{BuildHasherDefault, Hasher};
+use dashmap::DashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 pub use crate::block::ONE_EXBIBYTE;
 
-/// Shards of the block map (dashmap's shard count; a power of two).
-const MAP_SHARDS: usize = 256;
-/// Addresses within one 2 MiB granule go to the same map shard.
-const GRANULE_SHIFT: u32 = 21;
+pub use crate::blockmap::PtrHasher;
 
-/// A cheap hasher for device addresses, shaped for the block map.
-///
-/// dashmap picks a shard from the 8 bits below the top 7 (those are hashbrown's tag),
-/// hashbrown a bucket from the low bits. Here the tag and the bucket bits come from a
-/// Fibonacci hash of the whole address, but the shard bits from a hash of its 2 MiB
-/// *granule*: a thread that keeps reusing its own blocks (a stream's cache, a null
-/// driver's per-thread range) keeps to its own shards, so their lock and data lines stay
-/// in its core's cache instead of moving between cores on every operation. Blocks of
-/// different threads in one granule share a shard, as with any hash.
-#[derive(Default, Clone, Copy)]
-pub struct PtrHasher(u64);
+/// What a malloc hands its caller: the pointer API a device pointer (the block map holds
+/// the only reference to the record), the handle API the record itself. A type rather
+/// than a flag, so that each API's path moves no reference count it does not need.
+trait Grant: Sized {
+    /// The state the block is handed out in: `LIVE` or `HANDLE`.
+    const STATE: u8;
+    /// From a record fresh from the driver, about to move into the block map.
+    fn fresh(rec: &Arc<Record>) -> Self;
+    /// From a record taken off a free list (the block map holds another reference).
+    fn reused(rec: Arc<Record>) -> Self;
+    /// The device address.
+    fn addr(&self) -> u64;
+}
 
-/// The bits of the hash that select the map shard (see [`PtrHasher`]).
-const SHARD_BITS: u64 = ((MAP_SHARDS as u64) - 1) << (64 - 7 - MAP_SHARDS.trailing_zeros());
-
-impl Hasher for PtrHasher {
+impl Grant for DevicePtr {
+    const STATE: u8 = LIVE;
     #[inline]
-    fn finish(&self) -> u64 {
-        self.0
+    fn fresh(rec: &Arc<Record>) -> Self {
+        rec.dptr()
     }
-
     #[inline]
-    fn write(&mut self, bytes: &[u8]) {
-        // Only used for non-u64 keys; FNV-1a.
-        for &b in bytes {
-            self.0 = (self.0 ^ b as u64).wrapping_mul(0x0100_0000_01b3);
-        }
+    fn reused(rec: Arc<Record>) -> Self {
+        rec.dptr()
     }
-
     #[inline]
-    fn write_u64(&mut self, v: u64) {
-        let whole = (v ^ (v >> 29)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        let granule = (v >> GRANULE_SHIFT).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        self.0 = (whole & !SHARD_BITS) | (granule & SHARD_BITS);
+    fn addr(&self) -> u64 {
+        self.as_raw()
     }
 }
 
-/// The block map: address → the record of every block the allocator holds (live,
-/// idle in the front cache, or with its free deferred).
-type PtrMap<V> = DashMap<u64, V, BuildHasherDefault<PtrHasher>>;
+impl Grant for Arc<Record> {
+    const STATE: u8 = HANDLE;
+    #[inline]
+    fn fresh(rec: &Arc<Record>) -> Self {
+        rec.clone()
+    }
+    #[inline]
+    fn reused(rec: Arc<Record>) -> Self {
+        rec
+    }
+    #[inline]
+    fn addr(&self) -> u64 {
+        self.ptr
+    }
+}
 
 /// One device's state. Cache-padded so devices do not share lines.
 struct Shard {
@@ -132,7 +134,7 @@ pub struct StreamAlloc<D: Driver> {
     /// Shared only with the reaper a drop during a capture may leave behind.
     driver: Arc<Laned<D>>,
     shards: Box<[Shard]>,
-    blocks: PtrMap<Arc<Record>>,
+    blocks: BlockMap,
     epoch: EpochGate,
     capture: ArcSwapOption<Capture>,
     /// Pointers whose free waits until no capture is underway (S4).
@@ -191,10 +193,7 @@ impl<D: Driver> StreamAlloc<D> {
         StreamAlloc {
             driver: Arc::new(Laned::auto(driver)),
             shards,
-            blocks: DashMap::with_hasher_and_shard_amount(
-                BuildHasherDefault::default(),
-                MAP_SHARDS,
-            ),
+            blocks: BlockMap::new(),
             epoch: EpochGate::new(),
             capture: ArcSwapOption::empty(),
             deferred: SegQueue::new(),
@@ -232,7 +231,7 @@ impl<D: Driver> StreamAlloc<D> {
     /// is in the allocator's map all the same (the pointer API sees it: `base_allocation`,
     /// `record_stream`, `snapshot`), but only the handle may free it.
     pub fn allocate(&self, device: Device, size: usize, stream: Stream) -> Result<Block<'_, D>> {
-        let rec = self.acquire_noted(device, size as u64, stream, true)?;
+        let rec = self.acquire_noted(device, size as u64, stream)?;
         Ok(Block { alloc: self, rec, size, device, stream })
     }
 
@@ -259,7 +258,7 @@ impl<D: Driver> StreamAlloc<D> {
     /// holds it idle, deferred or on its way to the driver, or the recently-freed table
     /// remembers it; else an unknown pointer.
     fn unknown_or_double_free(&self, ptr: DevicePtr) -> Error {
-        let held = self.blocks.get(&ptr.as_raw()).is_some_and(|r| r.state() != LIVE);
+        let held = self.blocks.peek(ptr.as_raw(), |r| r.is_some_and(|r| !is_live(r.state())));
         if held || self.freed.was_freed(ptr.as_raw()) {
             Error::DoubleFree { ptr }
         } else {
@@ -269,9 +268,8 @@ impl<D: Driver> StreamAlloc<D> {
 
     /// The live block at `ptr` (a clone of its record; no map guard is kept).
     fn live_record(&self, ptr: DevicePtr) -> Result<Arc<Record>> {
-        let rec = self.blocks.get(&ptr.as_raw()).map(|r| r.value().clone());
-        match rec {
-            Some(rec) if rec.state() == LIVE => Ok(rec),
+        match self.blocks.get(ptr.as_raw()) {
+            Some(rec) if is_live(rec.state()) => Ok(rec),
             _ => Err(self.unknown_or_double_free(ptr)),
         }
     }
@@ -294,18 +292,17 @@ impl<D: Driver> StreamAlloc<D> {
 
     /// `acquire` with its history hooks (alloc, or the observers on out-of-memory).
     #[inline]
-    fn acquire_noted(
+    fn acquire_noted<G: Grant>(
         &self,
         device: Device,
         size: u64,
         stream: Stream,
-        handle: bool,
-    ) -> Result<Option<Arc<Record>>> {
-        let rec = self.noted_oom(stream, self.acquire(device, size, stream, handle))?;
-        if let Some(r) = &rec {
-            self.history.note(Action::Alloc, device, r.ptr, size, stream);
+    ) -> Result<Option<G>> {
+        let grant = self.noted_oom(stream, self.acquire::<G>(device, size, stream))?;
+        if let Some(g) = &grant {
+            self.history.note(Action::Alloc, device, g.addr(), size, stream);
         }
-        Ok(rec)
+        Ok(grant)
     }
 
     /// The history hook of a free: `FreeRequested`, and `FreeCompleted` when the free
@@ -336,13 +333,7 @@ impl<D: Driver> StreamAlloc<D> {
     /// malloc for both APIs (S3): size checks, then the cache tier, else the driver tier.
     /// `None` for size 0.
     #[inline]
-    fn acquire(
-        &self,
-        device: Device,
-        size: u64,
-        stream: Stream,
-        handle: bool,
-    ) -> Result<Option<Arc<Record>>> {
+    fn acquire<G: Grant>(&self, device: Device, size: u64, stream: Stream) -> Result<Option<G>> {
         if size >= ONE_EXBIBYTE {
             return Err(Error::TooLarge { requested: size });
         }
@@ -351,39 +342,38 @@ impl<D: Driver> StreamAlloc<D> {
         }
         let shard = self.shard(device)?;
         let Some(cache) = &self.cache else {
-            return self.malloc_driver(shard, size, stream, handle, false).map(Some);
+            return self.malloc_driver(shard, size, stream, false).map(Some);
         };
         let class = match self.cache_config.class_for(size) {
             Some(class) if !self.epoch.capturing() && self.deferred.is_empty() => class,
-            _ => return self.malloc_driver(shard, size, stream, handle, false).map(Some),
+            _ => return self.malloc_driver(shard, size, stream, false).map(Some),
         };
         // The cache tier: the bytes first (the limit is exact), then an idle block.
         if shard.budget.reserve(size).is_err() {
-            return self.malloc_driver(shard, size, stream, handle, false).map(Some);
+            return self.malloc_driver(shard, size, stream, false).map(Some);
         }
         let note = |r: &Record| {
             self.driver.note_reuse(device, r.dptr(), r.alloc_size as usize, stream);
         };
         match cache.take(device, class, stream, note) {
             Some(rec) => {
-                rec.reuse(size, handle);
-                Ok(Some(rec))
+                rec.reuse(size, G::STATE);
+                Ok(Some(G::reused(rec)))
             }
-            None => self.malloc_driver(shard, size, stream, handle, true).map(Some),
+            None => self.malloc_driver(shard, size, stream, true).map(Some),
         }
     }
 
     /// The driver tier of malloc: one read section, the exact budget reservation (unless
     /// `reserved`), the driver call (for the class size when the block may be cached
     /// later), the map insert.
-    fn malloc_driver(
+    fn malloc_driver<G: Grant>(
         &self,
         shard: &Shard,
         size: u64,
         stream: Stream,
-        handle: bool,
         reserved: bool,
-    ) -> Result<Arc<Record>> {
+    ) -> Result<G> {
         let device = shard.device;
         let section = self.epoch.enter();
         let ready = (|| {
@@ -442,22 +432,26 @@ impl<D: Driver> StreamAlloc<D> {
             }
         };
         self.history.note(Action::SegmentAlloc, device, ptr.as_raw(), alloc_size, stream);
-        let rec = Arc::new(Record::new(ptr, device, size, alloc_size, stream, captured, cacheable));
-        rec.set_handle(handle);
-        if let Some(stale) = self.blocks.insert(ptr.as_raw(), rec.clone()) {
+        let state = G::STATE;
+        let rec = Record::new(ptr, device, size, alloc_size, stream, captured, cacheable, state);
+        let rec = Record::shared(rec);
+        let grant = G::fresh(&rec);
+        if let Some(stale) = self.blocks.insert(rec) {
             // The driver handed out an address we hold: its books and ours disagree.
-            // Keep the newer block; the older one's bytes go with it.
+            // Keep the newer block; the older one's bytes go with it (a handle's block
+            // is left to its handle, the only one that moves it on).
             log::error!("driver returned held address {ptr} again (old block {stale:?})");
             if stale.transition(LIVE, GONE) {
                 self.shards[stale.device()].budget.release(stale.size());
             }
         }
-        Ok(rec)
+        Ok(grant)
     }
 
-    /// free for both APIs (S4/S5) of a block the caller owns: into the front cache when
-    /// it may go there, else through the driver tier.
-    fn release(&self, rec: Arc<Record>) -> Result<()> {
+    /// free for both APIs (S4/S5) of a block the caller owns in state `from` (`LIVE`, or
+    /// `HANDLE` for its handle): into the front cache when it may go there, else through
+    /// the driver tier.
+    fn release(&self, rec: Arc<Record>, from: u8) -> Result<()> {
         // The cache tier makes no driver call, so it needs no read section: a capture
         // that begins after this load finds the block idle, where a capture never takes
         // it from.
@@ -468,7 +462,7 @@ impl<D: Driver> StreamAlloc<D> {
             && !rec.has_recorded()
         {
             let size = rec.size();
-            if !rec.transition(LIVE, CACHED) {
+            if !rec.leave(from, CACHED) {
                 return Err(self.unknown_or_double_free(rec.dptr()));
             }
             let device = rec.device();
@@ -483,17 +477,17 @@ impl<D: Driver> StreamAlloc<D> {
             }
             return Ok(());
         }
-        self.release_driver(rec)
+        self.release_driver(rec, from)
     }
 
     /// The driver tier of free (S4, S5): deferred during a capture, else freed through
     /// the driver. A driver failure leaves the block live: the books stay exact and the
     /// caller may retry.
-    fn release_driver(&self, rec: Arc<Record>) -> Result<()> {
+    fn release_driver(&self, rec: Arc<Record>, from: u8) -> Result<()> {
         let ptr = rec.dptr();
         let section = self.epoch.enter();
         if section.capturing() && !rec.captured {
-            if !rec.transition(LIVE, DEFERRED) {
+            if !rec.leave(from, DEFERRED) {
                 return Err(self.unknown_or_double_free(ptr));
             }
             self.history_free(&rec, rec.size(), false);
@@ -501,39 +495,80 @@ impl<D: Driver> StreamAlloc<D> {
             self.deferred.push(ptr.as_raw());
             return Ok(());
         }
-        if !rec.transition(LIVE, GONE) {
+        if !rec.leave(from, GONE) {
             return Err(self.unknown_or_double_free(ptr));
         }
+        // Out of the map before the driver free: the driver may hand the address out
+        // again at once, and the new block's record must not be the one removed.
+        drop(self.blocks.remove(&rec));
+        let result = self.free_gone(&rec, &section);
+        Record::retire(rec);
+        result
+    }
+
+    /// The pointer API's free when the front cache is off: the block goes `LIVE` →
+    /// `GONE` and out of the map in one map operation (the driver tier's path without
+    /// the lookup before it). Anything else (a handle's block, a double free, a free
+    /// deferred by a capture) takes the general path.
+    fn free_uncached(&self, ptr: DevicePtr) -> Result<()> {
+        let section = self.epoch.enter();
+        let capturing = section.capturing();
+        let taken = self
+            .blocks
+            .remove_if(ptr.as_raw(), |r| (r.captured || !capturing) && r.transition(LIVE, GONE));
+        match taken {
+            Some(rec) => {
+                let result = self.free_gone(&rec, &section);
+                Record::retire(rec);
+                result
+            }
+            None => {
+                drop(section);
+                self.free_looked_up(ptr)
+            }
+        }
+    }
+
+    /// The pointer API's free through a lookup of the block's record.
+    fn free_looked_up(&self, ptr: DevicePtr) -> Result<()> {
+        match self.blocks.get(ptr.as_raw()) {
+            Some(rec) if rec.state() == HANDLE => Err(Error::OwnedByHandle { ptr }),
+            Some(rec) => self.release(rec, LIVE),
+            None => Err(self.unknown_or_double_free(ptr)),
+        }
+    }
+
+    /// Frees a block its caller moved to `GONE` and took out of the map: the S23 check,
+    /// the driver free, the books. On an error the block is back in the map, `LIVE`.
+    fn free_gone(&self, rec: &Arc<Record>, section: &Section<'_>) -> Result<()> {
+        let ptr = rec.dptr();
         let checked =
             if self.check_errors { self.driver.check_last_error(rec.device()) } else { Ok(()) };
         let result = checked.map_err(Error::from).and_then(|_| {
             if rec.captured && !section.capturing() {
                 self.warnings.captured_free_outside_capture(ptr);
             }
-            self.free_impl(&rec, &section)
+            self.free_impl(rec, section)
         });
         match &result {
-            Ok(()) => self.history_free(&rec, rec.size(), true),
+            Ok(()) => self.history_free(rec, rec.size(), true),
             Err(_) => {
+                let _none = self.blocks.insert(rec.clone());
                 rec.transition(GONE, LIVE);
             }
         }
         result
     }
 
-    /// S5: takes a block (state `GONE`, owned by the caller) out of the map, issues its
-    /// driver free, gives its bytes back. On a driver error the block is put back in
-    /// the map.
+    /// S5: issues the driver free of a block (state `GONE`, out of the map, owned by the
+    /// caller) and gives its bytes back.
     fn free_impl(&self, rec: &Arc<Record>, section: &Section<'_>) -> Result<()> {
         let key = rec.ptr;
-        // Out of the map before the driver free: the driver may hand the address out
-        // again at once, and the new block's record must not be the one removed.
-        self.blocks.remove_if(&key, |_, r| Arc::ptr_eq(r, rec));
         let device = rec.device();
         let creation = rec.creation();
         let recorded = rec.recorded();
         let bytes = rec.alloc_size as usize;
-        let freed = if recorded.is_empty() {
+        let free_stream = if recorded.is_empty() {
             self.driver.free_async(device, rec.dptr(), bytes, creation.stream).map(|_| creation)
         } else {
             let unifying = UsageStream::new(
@@ -548,14 +583,7 @@ impl<D: Driver> StreamAlloc<D> {
                 self.driver.free_async(device, rec.dptr(), bytes, unifying.stream)
             })()
             .map(|_| unifying)
-        };
-        let free_stream = match freed {
-            Ok(s) => s,
-            Err(e) => {
-                self.blocks.insert(key, rec.clone());
-                return Err(e.into());
-            }
-        };
+        }?;
         if section.capturing()
             && let Some(capture) = self.capture.load().as_ref()
         {
@@ -602,10 +630,10 @@ impl<D: Driver> StreamAlloc<D> {
     fn free_idle(&self, rec: &Arc<Record>, stream: Stream) -> Result<()> {
         let ok = rec.transition(CACHED, GONE);
         debug_assert!(ok, "an idle block off a free list");
-        self.blocks.remove_if(&rec.ptr, |_, r| Arc::ptr_eq(r, rec));
+        let _map_ref = self.blocks.remove(rec);
         let bytes = rec.alloc_size as usize;
         if let Err(e) = self.driver.free_async(rec.device(), rec.dptr(), bytes, stream) {
-            self.blocks.insert(rec.ptr, rec.clone());
+            let _none = self.blocks.insert(rec.clone());
             rec.transition(GONE, CACHED);
             return Err(e.into());
         }
@@ -688,9 +716,11 @@ impl<D: Driver> StreamAlloc<D> {
     /// S4: frees whose turn came because no capture is underway any more.
     fn flush_deferred(&self, section: &Section<'_>) -> Result<()> {
         while let Some(ptr) = self.deferred.pop() {
-            let rec = self.blocks.get(&ptr).map(|r| r.value().clone());
+            let rec = self.blocks.get(ptr);
             let Some(rec) = rec.filter(|r| r.transition(DEFERRED, GONE)) else { continue };
+            let _map_ref = self.blocks.remove(&rec);
             if let Err(e) = self.free_impl(&rec, section) {
+                let _none = self.blocks.insert(rec.clone());
                 rec.transition(GONE, DEFERRED);
                 self.deferred.push(ptr);
                 return Err(e);
@@ -752,21 +782,16 @@ impl<D: Driver> StreamOrderedAllocator for StreamAlloc<D> {
     }
 
     fn malloc(&self, device: Device, size: usize, stream: Stream) -> Result<DevicePtr> {
-        let rec = self.acquire_noted(device, size as u64, stream, false)?;
-        Ok(rec.map_or(DevicePtr::NULL, |r| r.dptr()))
+        Ok(self.acquire_noted(device, size as u64, stream)?.unwrap_or(DevicePtr::NULL))
     }
 
     fn free(&self, ptr: DevicePtr) -> Result<()> {
         if ptr.is_null() {
             return Ok(());
         }
-        let rec = self.blocks.get(&ptr.as_raw()).map(|r| r.value().clone());
-        match rec {
-            Some(rec) if rec.owned_by_handle() && rec.state() == LIVE => {
-                Err(Error::OwnedByHandle { ptr })
-            }
-            Some(rec) => self.release(rec),
-            None => Err(self.unknown_or_double_free(ptr)),
+        match &self.cache {
+            None => self.free_uncached(ptr),
+            Some(_) => self.free_looked_up(ptr),
         }
     }
 
@@ -847,17 +872,21 @@ impl<D: Driver> StreamOrderedAllocator for StreamAlloc<D> {
     }
 
     fn device_of(&self, ptr: DevicePtr) -> Result<(Device, u64)> {
-        let rec = self.blocks.get(&ptr.as_raw()).map(|r| r.value().clone());
-        match rec {
-            Some(r) if r.state() == LIVE => Ok((r.device(), r.size())),
+        let found = self.blocks.peek(ptr.as_raw(), |r| {
+            r.filter(|r| is_live(r.state())).map(|r| (r.device(), r.size()))
+        });
+        match found {
+            Some(found) => Ok(found),
             _ => Err(self.unknown_or_double_free(ptr)),
         }
     }
 
     fn base_allocation(&self, ptr: DevicePtr) -> Result<(DevicePtr, u64)> {
-        let rec = self.blocks.get(&ptr.as_raw()).map(|r| r.value().clone());
-        match rec {
-            Some(r) if matches!(r.state(), LIVE | DEFERRED) => Ok((ptr, r.size())),
+        let size = self.blocks.peek(ptr.as_raw(), |r| {
+            r.filter(|r| matches!(r.state(), LIVE | HANDLE | DEFERRED)).map(|r| r.size())
+        });
+        match size {
+            Some(size) => Ok((ptr, size)),
             _ => Err(self.unknown_or_double_free(ptr)),
         }
     }
@@ -969,10 +998,7 @@ impl<D: Driver> StreamOrderedAllocator for StreamAlloc<D> {
     fn snapshot(&self) -> Vec<BlockSnapshot> {
         let mut v: Vec<BlockSnapshot> = self
             .blocks
-            .iter()
-            .filter(|e| matches!(e.value().state(), LIVE | DEFERRED))
-            .map(|e| e.value().snapshot())
-            .collect();
+            .collect(|r| matches!(r.state(), LIVE | HANDLE | DEFERRED).then(|| r.snapshot()));
         v.sort_by_key(|b| b.ptr);
         v
     }
@@ -1015,7 +1041,7 @@ impl<D: Driver> Drop for StreamAlloc<D> {
             .iter()
             .flat_map(|c| self.shards.iter().flat_map(move |s| c.drain_device(s.device)));
         let deferred = std::iter::from_fn(|| self.deferred.pop())
-            .filter_map(|ptr| self.blocks.get(&ptr).map(|r| r.value().clone()))
+            .filter_map(|ptr| self.blocks.get(ptr))
             .filter(|rec| rec.transition(DEFERRED, GONE));
         for rec in idle.chain(deferred).collect::<Vec<_>>() {
             let unifying = self.shards[rec.device()].unifying.get().copied();
@@ -1144,10 +1170,8 @@ impl<D: Driver> Block<'_, D> {
 
     fn release(&mut self) -> Result<()> {
         let Some(rec) = self.rec.take() else { return Ok(()) };
-        // Handed over first: if the free fails the block stays live, and the pointer API
-        // may then free it.
-        rec.set_handle(false);
-        self.alloc.release(rec)
+        // If the free fails the block is left `LIVE`: the pointer API may then free it.
+        self.alloc.release(rec, HANDLE)
     }
 }
 

@@ -3,7 +3,9 @@
 //! ```text
 //!   epoch word (one AtomicU64):   0 ──begin──▶ 1 ──end──▶ 2 ──begin──▶ 3 ...
 //!                                 even = no capture, odd = capture underway
-//!   readers: two sets of striped counters, picked by the parity of the epoch they saw
+//!   readers: two sets of counters, picked by the parity of the epoch they saw; in each
+//!            set one counter per thread (held alone, `sync::thread_slot`), then a few
+//!            striped counters shared by any threads beyond those
 //! ```
 //!
 //! Every allocator operation that may call the driver (malloc, free, the deferred-free
@@ -31,17 +33,28 @@
 //! decrement that pairs with the writer's `Acquire` counter reads: what the section did
 //! (remembering a free stream) is visible to the writer once it sees the counter drop.
 //!
+//! A thread's own counter is written by that thread alone, so its announce is a `SeqCst`
+//! store of the counter plus one (an `xchg` on x86, as costly as the shared counters'
+//! locked add) and its decrement a plain `Release` store: one locked instruction per
+//! section instead of two. Threads beyond the owned counters share the striped ones and
+//! use read-modify-writes, as every thread did before.
+//!
 //! The detailed capture state (the set of free streams) sits behind an `ArcSwapOption`
 //! that the writer stores before publishing an odd epoch with `Release`: a reader that
 //! read the odd epoch with `Acquire` sees the capture.
 
-use crate::sync::{AtomicU64, AtomicUsize, Mutex, Ordering, fence, lock, spin_wait, thread_stripe};
+use crate::sync::{
+    AtomicU64, AtomicUsize, Mutex, Ordering, fence, lock, spin_wait, thread_slot, thread_stripe,
+};
 use crossbeam::utils::CachePadded;
 
-/// Counters per parity; threads are spread over them round-robin so a section's announce
-/// touches a line few other threads write. Under loom, two: enough to show two readers
-/// on different counters, small enough to explore.
-const STRIPES: usize = if cfg!(streamalloc_loom) { 2 } else { 32 };
+/// Counters per parity held by one thread each (threads beyond these share the striped
+/// ones). Under loom, 4: the models' threads with an even id hold one (`thread_slot`).
+const OWNED: usize = if cfg!(streamalloc_loom) { 4 } else { 128 };
+/// Shared counters per parity after the owned ones; threads without an owned counter are
+/// spread over them round-robin, so a section's announce touches a line few other
+/// threads write. Under loom, two: enough to show two readers on different counters.
+const STRIPES: usize = if cfg!(streamalloc_loom) { 2 } else { 16 };
 
 /// The epoch word and the readers of each parity.
 pub(crate) struct EpochGate {
@@ -71,8 +84,43 @@ fn dekker() {
 
 /// A read section: while it lives, a writer that published a later epoch waits.
 pub(crate) struct Section<'a> {
-    counter: &'a AtomicUsize,
+    counter: Counter<'a>,
     epoch: u64,
+}
+
+/// A reader counter as one thread uses it: held alone (plain stores) or shared.
+#[derive(Clone, Copy)]
+struct Counter<'a> {
+    counter: &'a AtomicUsize,
+    owned: bool,
+}
+
+impl Counter<'_> {
+    /// Announces a section: the store half of the store-load pattern.
+    #[inline]
+    fn announce(self) {
+        if self.owned {
+            // Only this thread writes its counter, so a Relaxed load reads its own last
+            // store (or the previous owner's, ordered by `thread_slot`'s registry); the
+            // store is the pattern's SeqCst store (pairs with the writer's counter read).
+            let now = self.counter.load(Ordering::Relaxed);
+            self.counter.store(now + 1, DEKKER_STORE);
+        } else {
+            self.counter.fetch_add(1, DEKKER_RMW);
+        }
+    }
+
+    /// Ends a section. Release: pairs with the writer's SeqCst (acquiring) load in
+    /// `wait_readers`.
+    #[inline]
+    fn leave(self) {
+        if self.owned {
+            let now = self.counter.load(Ordering::Relaxed);
+            self.counter.store(now - 1, Ordering::Release);
+        } else {
+            self.counter.fetch_sub(1, Ordering::Release);
+        }
+    }
 }
 
 impl Section<'_> {
@@ -86,15 +134,14 @@ impl Section<'_> {
 impl Drop for Section<'_> {
     #[inline]
     fn drop(&mut self) {
-        // Release: pairs with the writer's SeqCst load in `wait_readers`.
-        self.counter.fetch_sub(1, Ordering::Release);
+        self.counter.leave();
     }
 }
 
 impl EpochGate {
     /// Epoch 0: no capture.
     pub(crate) fn new() -> Self {
-        let set = || (0..STRIPES).map(|_| CachePadded::new(AtomicUsize::new(0))).collect();
+        let set = || (0..OWNED + STRIPES).map(|_| CachePadded::new(AtomicUsize::new(0))).collect();
         EpochGate {
             word: CachePadded::new(AtomicU64::new(0)),
             readers: [set(), set()],
@@ -111,11 +158,14 @@ impl EpochGate {
     /// Begins a read section.
     #[inline]
     pub(crate) fn enter(&self) -> Section<'_> {
-        let s = thread_stripe(STRIPES);
+        let (s, owned) = match thread_slot(OWNED) {
+            Some(s) => (s, true),
+            None => (OWNED + thread_stripe(STRIPES), false),
+        };
         loop {
             let epoch = self.word.load(Ordering::Acquire);
-            let counter = &*self.readers[(epoch & 1) as usize][s];
-            counter.fetch_add(1, DEKKER_RMW);
+            let counter = Counter { counter: &self.readers[(epoch & 1) as usize][s], owned };
+            counter.announce();
             // Pairs with the writer's side in `transition` (see the module docs).
             dekker();
             // Re-read: if a writer published meanwhile it may already have checked our
@@ -123,7 +173,7 @@ impl EpochGate {
             if self.word.load(DEKKER_LOAD) == epoch {
                 return Section { counter, epoch };
             }
-            counter.fetch_sub(1, Ordering::Release);
+            counter.leave();
         }
     }
 

@@ -11,7 +11,10 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-const SLOTS: usize = 4096;
+/// Slots (8 to a cache line). Every free writes one; a line serves one 2 MiB granule's
+/// addresses at a time, so threads freeing their own blocks share a line only when their
+/// granules collide: 2048 lines make that rare at 16 threads (see `blockmap::SHARDS`).
+const SLOTS: usize = 16384;
 
 /// Recently freed addresses (see the module docs).
 pub(crate) struct FreedTable {
@@ -22,7 +25,8 @@ pub(crate) struct FreedTable {
 fn slot_of(addr: u64) -> usize {
     // The cache line (8 slots) from the address's 2 MiB granule, the slot in it from the
     // address: a thread freeing its own blocks keeps to its own lines.
-    let line = ((addr >> 21).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 55) as usize;
+    const LINE_BITS: u32 = (SLOTS / 8).trailing_zeros();
+    let line = ((addr >> 21).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - LINE_BITS)) as usize;
     (line * 8 + ((addr >> 9) & 7) as usize) & (SLOTS - 1)
 }
 

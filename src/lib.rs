@@ -26,6 +26,7 @@ pub use types::{
 };
 
 mod block;
+mod blockmap;
 mod budget;
 pub mod cache;
 pub mod core;
@@ -36,6 +37,7 @@ mod freed;
 pub mod lane;
 pub use lane::{DelegateLane, DriverLane, Laned, LockLane};
 pub mod replica;
+pub(crate) mod spin;
 mod sync;
 #[cfg(all(test, streamalloc_loom))]
 mod tests;

@@ -110,3 +110,36 @@ pub(crate) fn thread_stripe(n: usize) -> usize {
         id.bytes().map(usize::from).sum::<usize>() % n
     }
 }
+
+/// An index in `0..n` that the calling thread holds alone while it lives, or `None`
+/// (more than `n` threads hold one, or the thread is being torn down). A thread's index
+/// is given back when it exits and handed to a later thread; the registry's mutex orders
+/// everything the old owner wrote to the data behind its index before the new owner's
+/// first access. Under loom, model threads with an even id hold their id (the models
+/// spawn few), the others none, so both the owned and the shared paths are explored.
+#[inline]
+pub(crate) fn thread_slot(n: usize) -> Option<usize> {
+    #[cfg(not(streamalloc_loom))]
+    {
+        /// Indexes given back by threads that exited.
+        static FREE: std::sync::Mutex<Vec<usize>> = std::sync::Mutex::new(Vec::new());
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        /// The calling thread's index; given back on exit.
+        struct Held(usize);
+        impl Drop for Held {
+            fn drop(&mut self) {
+                lock_std(&FREE).push(self.0);
+            }
+        }
+        thread_local!(static HELD: Held = Held(lock_std(&FREE).pop().unwrap_or_else(|| {
+            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        })));
+        HELD.try_with(|h| h.0).ok().filter(|&i| i < n)
+    }
+    #[cfg(streamalloc_loom)]
+    {
+        let id = format!("{:?}", loom::thread::current().id());
+        let id: usize = id.chars().filter(char::is_ascii_digit).collect::<String>().parse().ok()?;
+        (id % 2 == 0 && id < n).then_some(id)
+    }
+}

@@ -20,7 +20,8 @@ pub(crate) fn class_of(size: u64) -> Option<(usize, u64)> {
     }
     let k = 63 - (size - 1).leading_zeros() as u64; // 2^k < size <= 2^(k+1), k >= 9
     let step = 1u64 << (k - 2);
-    let m = size.div_ceil(step); // 5..=8
+    // ceil(size / step) by a shift: a division would not be (the hit path runs this).
+    let m = (size + step - 1) >> (k - 2); // 5..=8
     Some((1 + 4 * (k as usize - 9) + (m as usize - 5), m * step))
 }
 

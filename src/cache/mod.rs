@@ -34,7 +34,6 @@
 //! used lately.
 
 mod classes;
-pub(crate) mod spin;
 mod stream;
 
 use crate::block::Record;

@@ -9,8 +9,8 @@
 //! ```
 
 use super::classes::{CLASSES, class_size};
-use super::spin::{SpinGuard, SpinLock};
 use crate::block::Record;
+use crate::spin::{SpinGuard, SpinLock};
 use crate::types::Stream;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -2,7 +2,7 @@
 //! wrote is seen by the next (the lock's Acquire pairs with the unlock's Release; a
 //! weaker ordering is a causality violation on the guarded cell).
 
-use crate::cache::spin::SpinLock;
+use crate::spin::SpinLock;
 use loom::sync::Arc;
 use loom::thread;
 

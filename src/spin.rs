@@ -1,11 +1,12 @@
-//! The stream caches' lock (model-checked under loom: `src/tests/loom_cache.rs`).
+//! A test-and-set spin lock: the stream caches' lock and the block map's shard locks
+//! (model-checked under loom: `src/tests/loom_cache.rs`).
 
 use crate::sync::{AtomicBool, Ordering, UnsafeCell, spin_hint};
 
-/// A test-and-set spin lock: the stream caches' lock. In the common case one thread
-/// uses a stream and takes its lock uncontended: one compare-and-swap to lock and a
+/// A test-and-set spin lock. In the common case one thread uses a stream (or a map
+/// shard) and takes its lock uncontended: one compare-and-swap to lock and a
 /// plain store to unlock (a `std` mutex's unlock is a read-modify-write, to wake
-/// sleepers). Critical sections are a few list operations; a waiter yields after a
+/// sleepers). Critical sections are a few list or table operations; a waiter yields after a
 /// short spin.
 pub(crate) struct SpinLock<T> {
     locked: AtomicBool,
