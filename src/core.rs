@@ -1176,9 +1176,18 @@ impl<D: Driver> Block<'_, D> {
 }
 
 impl<D: Driver> Drop for Block<'_, D> {
+    /// Frees the block. A failed free leaves it `LIVE` in the map (as `Block::free`
+    /// does); with no caller to hand the error to, the drop logs it and tries once more
+    /// through the pointer API: an earlier asynchronous error that the S23 check reported
+    /// has been consumed by then (a sticky CUDA error fails the retry too, and the block
+    /// stays for the pointer API).
     fn drop(&mut self) {
+        let ptr = self.ptr();
         if let Err(e) = self.release() {
-            log::error!("freeing block {} on drop failed: {e}", self.ptr());
+            log::error!("freeing block {ptr} on drop failed: {e}");
+            if let Err(e) = self.alloc.free(ptr) {
+                log::error!("freeing block {ptr} on drop failed again: {e}");
+            }
         }
     }
 }

@@ -412,6 +412,11 @@ struct CaptureModel {
 /// The result of one operation, with pointers left out (sides compare by slot).
 type Outcome = Result<String, String>;
 
+/// Whether `e` is the S23 check's report of an earlier error (`cudaGetLastError`).
+fn reports_earlier_error(e: &Error) -> bool {
+    matches!(e, Error::Driver(d) if d.op == "cudaGetLastError")
+}
+
 /// Describes an error without addresses.
 pub fn describe_error(e: &Error) -> String {
     match e {
@@ -1087,8 +1092,10 @@ impl Interp {
         };
         match freed {
             Ok(()) => {}
-            // A failed free leaves the block in the map: the pointer API frees it.
-            Err(_) if self.faults => {
+            // A failed free leaves the block in the map: the pointer API frees it. An
+            // injected fault, or the S23 check reporting a sticky error set earlier
+            // (`Op::StickyError`, consumed by the report).
+            Err(e) if self.faults || reports_earlier_error(&e) => {
                 self.free_retrying(core, p).map_err(|e| self.fail(format!("{name}: {e}")))?
             }
             Err(e) => return Err(self.fail(format!("{name}: Block::free: {e}"))),
