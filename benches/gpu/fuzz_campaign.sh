@@ -81,7 +81,7 @@ run() {
   done
   rm -rf "$WORK"
   echo "== fuzz campaign: $WORKERS workers x $SECS s"
-  column -s, -t <"$OUT/fuzz-campaign.csv"
+  tr , "\t" <"$OUT/fuzz-campaign.csv"
   ls "$OUT/artifacts" | head
   return $failed
 }
