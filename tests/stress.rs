@@ -30,6 +30,7 @@ impl Rng {
 fn run(cache: CacheConfig, lane: DriverLane, min_ops: u64, min_time: Duration) {
     let devices = 2;
     let sim = Arc::new(SimDriver::with_devices(devices, CAPACITY));
+    let cached = cache.enabled;
     let alloc = StreamAlloc::with_cache(Laned::new(sim.clone(), lane), cache).unwrap();
     assert_eq!(alloc.driver_lane(), DriverLane::Off, "a driver in a lane gets no other");
     alloc.enable_peer_access(0, 1).unwrap();
@@ -130,6 +131,15 @@ fn run(cache: CacheConfig, lane: DriverLane, min_ops: u64, min_time: Duration) {
         "{} checker reports: {:#?}",
         reports.len(),
         &reports[..reports.len().min(5)]
+    );
+    // What ran (shown with --nocapture; VERIFY.md quotes the long mode's lines).
+    eprintln!(
+        "stress {} cache, lane {}: {} operations, {} captures, {:.0} s, {threads} threads",
+        if cached { "with" } else { "without" },
+        lane.name(),
+        ops.load(Ordering::Relaxed),
+        captures.load(Ordering::Relaxed),
+        start.elapsed().as_secs_f64(),
     );
 }
 
