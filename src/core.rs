@@ -26,7 +26,7 @@ use crate::block::{CACHED, DEFERRED, GONE, HANDLE, LIVE, NO_CLASS, Orphan, Recor
 use crate::blockmap::BlockMap;
 use crate::budget::Budget;
 use crate::cache::{CacheConfig, FrontCache, Released};
-use crate::driver::Driver;
+use crate::driver::{Driver, DriverResult};
 use crate::epoch::{EpochGate, Section};
 use crate::error::{Error, OutOfMemory, Result};
 use crate::freed::FreedTable;
@@ -565,25 +565,8 @@ impl<D: Driver> StreamAlloc<D> {
     fn free_impl(&self, rec: &Arc<Record>, section: &Section<'_>) -> Result<()> {
         let key = rec.ptr;
         let device = rec.device();
-        let creation = rec.creation();
-        let recorded = rec.recorded();
-        let bytes = rec.alloc_size as usize;
-        let free_stream = if recorded.is_empty() {
-            self.driver.free_async(device, rec.dptr(), bytes, creation.stream).map(|_| creation)
-        } else {
-            let unifying = UsageStream::new(
-                *self.shards[device].unifying.get().expect("a block's device is initialized"),
-                device,
-            );
-            (|| {
-                self.driver.sync_streams(creation, unifying)?;
-                for &used_on in recorded.iter() {
-                    self.driver.sync_streams(used_on, unifying)?;
-                }
-                self.driver.free_async(device, rec.dptr(), bytes, unifying.stream)
-            })()
-            .map(|_| unifying)
-        }?;
+        let unifying = self.shards[device].unifying.get().copied();
+        let free_stream = issue_free(&*self.driver, rec, &rec.recorded(), unifying)?;
         if section.capturing()
             && let Some(capture) = self.capture.load().as_ref()
         {
@@ -591,7 +574,7 @@ impl<D: Driver> StreamAlloc<D> {
         }
         self.shards[device].budget.release(rec.size());
         self.freed.freed(key);
-        self.history.note(Action::SegmentFree, device, key, rec.alloc_size, creation.stream);
+        self.history.note(Action::SegmentFree, device, key, rec.alloc_size, rec.creation_stream);
         Ok(())
     }
 
@@ -1071,6 +1054,32 @@ impl<D: Driver> Drop for StreamAlloc<D> {
     }
 }
 
+/// The driver free of a block (S5): on its creation stream, or, for a block used on
+/// other streams (`recorded`), on the device's unifying stream after every stream it was
+/// used on. Returns the stream the free was issued on. A block with recorded streams
+/// lives on an initialized device, whose unifying stream exists.
+fn issue_free<L: Driver>(
+    driver: &L,
+    rec: &Record,
+    recorded: &[UsageStream],
+    unifying: Option<Stream>,
+) -> DriverResult<UsageStream> {
+    let (device, bytes, creation) = (rec.device(), rec.alloc_size as usize, rec.creation());
+    let free_on = match unifying {
+        Some(u) if !recorded.is_empty() => {
+            let u = UsageStream::new(u, device);
+            driver.sync_streams(creation, u)?;
+            for &used_on in recorded {
+                driver.sync_streams(used_on, u)?;
+            }
+            u
+        }
+        _ => creation,
+    };
+    driver.free_async(device, rec.dptr(), bytes, free_on.stream)?;
+    Ok(free_on)
+}
+
 /// An idle or deferred block of a dropped allocator, freed by nobody but the driver.
 struct Detached {
     rec: Arc<Record>,
@@ -1097,21 +1106,7 @@ impl Detached {
         if !quiet(creation) || !recorded.iter().all(|&s| quiet(s)) {
             return false;
         }
-        let (device, bytes) = (rec.device(), rec.alloc_size as usize);
-        let freed = match self.unifying {
-            Some(unifying) if !recorded.is_empty() => {
-                let unifying = UsageStream::new(unifying, device);
-                (|| {
-                    driver.sync_streams(creation, unifying)?;
-                    for &used_on in recorded.iter() {
-                        driver.sync_streams(used_on, unifying)?;
-                    }
-                    driver.free_async(device, rec.dptr(), bytes, unifying.stream)
-                })()
-            }
-            _ => driver.free_async(device, rec.dptr(), bytes, creation.stream),
-        };
-        if let Err(e) = freed {
+        if let Err(e) = issue_free(driver, rec, &recorded, self.unifying) {
             log::error!("freeing block {} of a dropped allocator failed: {e}", rec.dptr());
         }
         true
