@@ -25,6 +25,7 @@ pub use types::{
     CaptureStatus, Device, DevicePtr, Event, MemInfo, PoolAttribute, Stream, UsageStream,
 };
 
+mod barrier;
 mod block;
 mod blockmap;
 mod budget;
@@ -47,5 +48,13 @@ pub use crate::cache::CacheConfig;
 pub use crate::core::{Block, PtrHasher, StreamAlloc};
 pub use history::{Action, HistoryEntry, HistoryOptions, OomObserver};
 pub use owned::OwnedBlock;
+
+/// Whether this process's read sections use asymmetric fences (Linux `membarrier`: an
+/// alloc/free pair on the driver tier then takes no locked instruction for its capture
+/// check; DESIGN.md, "The capture epoch"). `false` where the kernel or a seccomp filter
+/// refuses the call, or with `STREAMALLOC_ASYMMETRIC_FENCE=0`: the symmetric form is used.
+pub fn asymmetric_fences() -> bool {
+    barrier::asymmetric()
+}
 pub use replica::SeedReplica;
 pub use warn::WarningCounts;

@@ -293,8 +293,10 @@ fn real_main(o: Opts) -> Result<(), String> {
     let null_iters = o.null_iters.unwrap_or(iters.saturating_mul(10));
     println!(
         "host: {cores} cores; iters per thread: {} (driver variants), {null_iters} (null \
-         variants); reps: {}; gpu column: {gpu}",
-        iters, o.reps as usize
+         variants); reps: {}; gpu column: {gpu}; asymmetric fences: {}",
+        iters,
+        o.reps as usize,
+        if streamalloc::asymmetric_fences() { "on (membarrier)" } else { "off" }
     );
     let thread_counts: Vec<usize> = std::iter::successors(Some(1usize), |t| Some(t * 2))
         .take_while(|&t| t <= max_threads)
