@@ -27,7 +27,7 @@
 use crate::api::BlockSnapshot;
 use crate::types::{Device, DevicePtr, Stream, UsageStream};
 use std::cell::RefCell;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering, fence};
 use std::sync::{Arc, Mutex};
 
 /// Allocations of this size or more are refused outright (S3), as the seed does.
@@ -126,16 +126,23 @@ impl Record {
     pub(crate) fn shared(rec: Record) -> Arc<Record> {
         let spare = SPARE.try_with(|s| s.borrow_mut().pop()).ok().flatten();
         match spare {
-            Some(mut arc) => match Arc::get_mut(&mut arc) {
-                // Acquire (in `get_mut`): pairs with the Release decrements of the clones
-                // other threads dropped, so their last uses come before this write.
-                Some(slot) => {
-                    *slot = rec;
-                    arc
-                }
-                None => Arc::new(rec),
-            },
-            None => Arc::new(rec),
+            // A plain read of the count instead of `Arc::get_mut` (whose check is a
+            // locked compare-and-swap on the weak count): records are never downgraded,
+            // so one strong reference is the only reference.
+            Some(arc) if Arc::strong_count(&arc) == 1 => {
+                // Acquire: pairs with the Release decrements of the clones other threads
+                // dropped (as `Arc`'s own drop does), so their last uses come before this
+                // write.
+                fence(Ordering::Acquire);
+                // Safety: this is the only reference to the record: its strong count is 1,
+                // no `Weak` to a record is ever made, and nobody can clone it anew (a spare
+                // is in no map or list, and this thread's spare list is not shared). The
+                // pointer comes from the `Arc`'s own allocation pointer, not from a shared
+                // reference, so writing through it is the write `Arc::get_mut` allows.
+                unsafe { *Arc::as_ptr(&arc).cast_mut() = rec };
+                arc
+            }
+            _ => Arc::new(rec),
         }
     }
 
@@ -299,4 +306,34 @@ pub(crate) struct Orphan {
     pub(crate) ptr: DevicePtr,
     pub(crate) size: u64,
     pub(crate) stream: Stream,
+}
+
+#[cfg(all(test, not(streamalloc_loom)))]
+mod tests {
+    use super::*;
+
+    fn record(ptr: u64) -> Record {
+        Record::new(DevicePtr::from_raw(ptr), 0, 512, 512, Stream::NULL, false, false, LIVE)
+    }
+
+    /// A retired record is reused in place by this thread's next `shared` (the write
+    /// through the `Arc` that the spare path makes; Miri checks it), and a record another
+    /// holder still references is never reused.
+    #[test]
+    fn spare_records_are_reused_only_when_unshared() {
+        let a = Record::shared(record(0x1000));
+        a.recorded.lock().unwrap().push(UsageStream::new(Stream::NULL, 0));
+        let addr = Arc::as_ptr(&a);
+        Record::retire(a);
+        let b = Record::shared(record(0x2000));
+        assert_eq!(Arc::as_ptr(&b), addr, "the spare is reused");
+        assert_eq!(b.ptr, 0x2000);
+        assert!(b.recorded.lock().unwrap().is_empty(), "the old contents were replaced");
+
+        let held = b.clone();
+        Record::retire(b);
+        let c = Record::shared(record(0x3000));
+        assert_ne!(Arc::as_ptr(&c), addr, "a record still held is not a spare");
+        assert_eq!(held.ptr, 0x2000);
+    }
 }
