@@ -14,12 +14,44 @@
 //! is the shared `reserved` counter touched. The limit stays exact: when a claim is
 //! refused, every stripe's credit is drained back and the exact claim is tried again
 //! before out-of-memory is reported.
+//!
+//! Owned stripes: most threads hold a stripe alone (`sync::thread_slot`, the index the
+//! epoch's counters use too), and spend or earn its credit with a plain load and store
+//! instead of a locked read-modify-write. The only other writer of an owned stripe is a
+//! drain (the exact path, a limit change), so the two meet in a store-load handshake: the
+//! owner marks its stripe busy, fences, and uses the plain path only if no drain is
+//! announced; a drain announces itself, fences, and waits until each owned stripe is not
+//! busy before it takes the stripe's credit. Either the drain sees the owner busy (and
+//! waits for its `Release` un-marking, after which the owner's store is visible), or the
+//! owner sees the drain (and takes the atomic path, as a shared stripe's thread does).
+//! The fences are asymmetric where Linux's membarrier allows (`crate::barrier`: the owner
+//! pays a compiler fence, the rare drain a system call), else `SeqCst` accesses as in the
+//! epoch. Threads beyond the owned stripes share the striped ones, with atomics.
 
-use crate::sync::{AtomicU64, AtomicUsize, Ordering, thread_stripe};
+use crate::sync::{
+    AtomicBool, AtomicU64, AtomicUsize, Ordering, fence, thread_slot, thread_stripe,
+};
 use crossbeam::utils::CachePadded;
 
-/// Credit stripes; threads are spread over them round-robin.
+/// Stripes held by one thread each (the first `OWNED`; under loom, model threads with an
+/// even id hold one).
+const OWNED: usize = if cfg!(streamalloc_loom) { 4 } else { 128 };
+/// Shared credit stripes after the owned ones; threads without an owned stripe are spread
+/// over them round-robin.
 const STRIPES: usize = if cfg!(streamalloc_loom) { 2 } else { 32 };
+
+/// The orderings of the owner/drain handshake's store-load pattern when it is symmetric
+/// (as in `crate::epoch`): `SeqCst` accesses, or under loom acquire/release plus fences.
+const HANDSHAKE_STORE: Ordering =
+    if cfg!(streamalloc_loom) { Ordering::Release } else { Ordering::SeqCst };
+const HANDSHAKE_LOAD: Ordering =
+    if cfg!(streamalloc_loom) { Ordering::Acquire } else { Ordering::SeqCst };
+
+/// One stripe: its credit, and (owned stripes) whether the owner is in a plain section.
+struct Stripe {
+    credit: AtomicU64,
+    busy: AtomicBool,
+}
 /// Credit is taken from `reserved` this much at a time (and a stripe keeps at most twice
 /// this before giving back): large against the benchmark's swings of live bytes (a few
 /// MiB per thread), small against a device.
@@ -34,7 +66,11 @@ pub(crate) struct Budget {
     limit: CachePadded<AtomicU64>,
     /// Threads on the exact path (read-mostly: raised only when a claim is refused).
     exact: CachePadded<AtomicUsize>,
-    credit: Box<[CachePadded<AtomicU64>]>,
+    stripes: Box<[CachePadded<Stripe>]>,
+    /// Drains under way (read by every owned-stripe section; raised only by drains).
+    drains: CachePadded<AtomicUsize>,
+    /// The handshake's fences are asymmetric (membarrier); never under loom.
+    asymmetric: bool,
     /// Two-step moves of bytes between `reserved` and a stripe's credit (a chunk's
     /// claim then its credit, a give-back, a drain) started and finished: while they
     /// differ, `reserved - credit` may read high (the exact path must not refuse on such
@@ -50,7 +86,14 @@ impl Budget {
             reserved: CachePadded::new(AtomicU64::new(0)),
             limit: CachePadded::new(AtomicU64::new(u64::MAX)),
             exact: CachePadded::new(AtomicUsize::new(0)),
-            credit: (0..STRIPES).map(|_| CachePadded::new(AtomicU64::new(0))).collect(),
+            stripes: (0..OWNED + STRIPES)
+                .map(|_| {
+                    let stripe = Stripe { credit: AtomicU64::new(0), busy: AtomicBool::new(false) };
+                    CachePadded::new(stripe)
+                })
+                .collect(),
+            drains: CachePadded::new(AtomicUsize::new(0)),
+            asymmetric: !cfg!(streamalloc_loom) && crate::barrier::asymmetric(),
             moves_started: CachePadded::new(AtomicU64::new(0)),
             moves_finished: CachePadded::new(AtomicU64::new(0)),
         }
@@ -88,11 +131,22 @@ impl Budget {
     /// in use.
     #[inline]
     pub(crate) fn reserve(&self, size: u64) -> Result<(), u64> {
-        let credit = &self.credit[thread_stripe(STRIPES)];
+        let (stripe, owned) = self.stripe();
+        let credit = &stripe.credit;
         // Credit may be spent only while the claims are within the limit (a lowered limit,
         // or bytes freed into credit after it, can leave them above): then live bytes,
         // which never exceed the claims, stay within it too.
-        let mut have = if self.within_limit() { credit.load(Ordering::Relaxed) } else { 0 };
+        let within = self.within_limit();
+        if within && owned {
+            let spent = self.owned_section(stripe, |credit| {
+                let have = credit.load(Ordering::Relaxed);
+                (have >= size).then(|| credit.store(have - size, Ordering::Relaxed))
+            });
+            if spent.is_some() {
+                return Ok(());
+            }
+        }
+        let mut have = if within { credit.load(Ordering::Relaxed) } else { 0 };
         while have >= size {
             match credit.compare_exchange_weak(
                 have,
@@ -137,9 +191,10 @@ impl Budget {
         // SeqCst: pairs with the loads of `exact` in `reserve`/`release`; an operation
         // that misses the raise is one the retry below outlasts.
         self.exact.fetch_add(1, Ordering::SeqCst);
+        let drain = self.begin_drain();
         let mut outcome = Err(0);
         for _ in 0..EXACT_RETRIES {
-            self.drain();
+            self.drain_stripes(&drain);
             if self.claim(size) {
                 outcome = Ok(());
                 break;
@@ -154,6 +209,7 @@ impl Budget {
             }
             crate::sync::spin_wait();
         }
+        self.end_drain(drain);
         self.exact.fetch_sub(1, Ordering::SeqCst);
         outcome
     }
@@ -173,7 +229,17 @@ impl Budget {
             self.reserved.fetch_sub(size, Ordering::Relaxed);
             return;
         }
-        let credit = &self.credit[thread_stripe(STRIPES)];
+        let (stripe, owned) = self.stripe();
+        let credit = &stripe.credit;
+        if owned {
+            let earned = self.owned_section(stripe, |credit| {
+                let have = credit.load(Ordering::Relaxed).saturating_add(size);
+                (have <= 2 * CREDIT_CHUNK).then(|| credit.store(have, Ordering::Relaxed))
+            });
+            if earned.is_some() {
+                return;
+            }
+        }
         let mut have = credit.fetch_add(size, Ordering::Relaxed) + size;
         while have > 2 * CREDIT_CHUNK {
             let move_ = self.begin_move();
@@ -195,17 +261,90 @@ impl Budget {
         }
     }
 
-    /// Moves all credit back to the shared counter.
-    pub(crate) fn drain(&self) {
+    /// This thread's stripe, and whether the thread holds it alone.
+    #[inline]
+    fn stripe(&self) -> (&Stripe, bool) {
+        match thread_slot(OWNED) {
+            Some(i) => (&self.stripes[i], true),
+            None => (&self.stripes[OWNED + thread_stripe(STRIPES)], false),
+        }
+    }
+
+    /// Runs `f` on the caller's own stripe's credit, which `f` may update with a plain
+    /// load and store, unless a drain is under way (then `None`, and the caller takes the
+    /// atomic path). `f` returns `None` when it did not write.
+    #[inline]
+    fn owned_section<R>(
+        &self,
+        stripe: &Stripe,
+        f: impl FnOnce(&AtomicU64) -> Option<R>,
+    ) -> Option<R> {
+        // The store-load pattern (module docs): mark busy, fence, read `drains`.
+        let drains = if self.asymmetric {
+            stripe.busy.store(true, Ordering::Relaxed);
+            crate::barrier::light();
+            self.drains.load(Ordering::Relaxed)
+        } else {
+            stripe.busy.store(true, HANDSHAKE_STORE);
+            if cfg!(streamalloc_loom) {
+                fence(Ordering::SeqCst);
+            }
+            self.drains.load(HANDSHAKE_LOAD)
+        };
+        let result = if drains == 0 { f(&stripe.credit) } else { None };
+        // Release: a drain that reads `false` (Acquire) sees the credit store above.
+        stripe.busy.store(false, Ordering::Release);
+        result
+    }
+
+    /// Announces a drain: from here owners take the atomic path. The pattern's other
+    /// half: announce, fence (membarrier where asymmetric), then read the busy marks.
+    fn begin_drain(&self) -> Drain {
+        self.drains.fetch_add(
+            1,
+            if cfg!(streamalloc_loom) { Ordering::Relaxed } else { Ordering::SeqCst },
+        );
+        if self.asymmetric {
+            if !crate::barrier::heavy() {
+                log::error!("membarrier failed after registration: credit drain ordering at risk");
+            }
+        } else if cfg!(streamalloc_loom) {
+            fence(Ordering::SeqCst);
+        }
+        Drain(())
+    }
+
+    /// Ends a drain (`Release`: the stripes it emptied are visible to the owners' next
+    /// plain sections, which read `drains` after it).
+    fn end_drain(&self, _: Drain) {
+        self.drains.fetch_sub(1, Ordering::Release);
+    }
+
+    /// Moves every stripe's credit back to the shared counter (inside a drain: each
+    /// owned stripe is taken once its owner is not in a plain section).
+    fn drain_stripes(&self, _: &Drain) {
         let move_ = self.begin_move();
-        for credit in self.credit.iter() {
+        for (i, stripe) in self.stripes.iter().enumerate() {
+            if i < OWNED {
+                // Acquire: pairs with the owner's Release un-marking.
+                while stripe.busy.load(HANDSHAKE_LOAD) {
+                    crate::sync::spin_hint();
+                }
+            }
             // Release: a reader that sees the drained stripe sees the move's start.
-            let taken = credit.swap(0, Ordering::Release);
+            let taken = stripe.credit.swap(0, Ordering::Release);
             if taken > 0 {
                 self.reserved.fetch_sub(taken, Ordering::Release);
             }
         }
         self.end_move(move_);
+    }
+
+    /// Moves all credit back to the shared counter.
+    pub(crate) fn drain(&self) {
+        let drain = self.begin_drain();
+        self.drain_stripes(&drain);
+        self.end_drain(drain);
     }
 
     /// Announces a two-step move of bytes between `reserved` and credit.
@@ -237,7 +376,7 @@ impl Budget {
         if started != finished {
             return None;
         }
-        let credit: u64 = self.credit.iter().map(|c| c.load(Ordering::Acquire)).sum();
+        let credit: u64 = self.stripes.iter().map(|s| s.credit.load(Ordering::Acquire)).sum();
         let reserved = self.reserved.load(Ordering::Acquire);
         if self.moves_started.load(Ordering::Acquire) != started {
             return None;
@@ -249,8 +388,14 @@ impl Budget {
     pub(crate) fn used(&self) -> u64 {
         // Credit first, then reserved: a release racing this read can only make the
         // result larger than the truth for a moment, never wrap it below zero.
-        let credit: u64 = self.credit.iter().map(|c| c.load(Ordering::Relaxed)).sum();
+        let credit: u64 = self.stripes.iter().map(|s| s.credit.load(Ordering::Relaxed)).sum();
         self.reserved.load(Ordering::Relaxed).saturating_sub(credit)
+    }
+
+    /// The claims (live bytes plus every stripe's credit), for the models and tests.
+    #[cfg(test)]
+    pub(crate) fn claims(&self) -> u64 {
+        self.reserved.load(Ordering::Relaxed)
     }
 
     /// The user limit.
@@ -269,6 +414,9 @@ impl Budget {
 /// A move in flight (from `begin_move`, ended by `end_move`).
 struct Move(());
 
+/// A drain announced (from `begin_drain`, ended by `end_drain`).
+struct Drain(());
+
 #[cfg(all(test, not(streamalloc_loom)))]
 mod tests {
     use super::*;
@@ -285,6 +433,49 @@ mod tests {
         assert!(b.reserve(41).is_err());
         b.reserve(40).unwrap();
         assert_eq!(b.used(), 40);
+    }
+
+    /// Owned stripes' plain updates racing drains under real threads, with whichever
+    /// fences this process uses (asymmetric on Linux; loom checks the symmetric form):
+    /// no byte of credit is lost or counted twice, and the limit holds throughout.
+    #[test]
+    fn owned_stripes_race_drains_without_losing_credit() {
+        let b = Budget::new();
+        let limit = 64 * CREDIT_CHUNK;
+        b.set_limit(limit);
+        // Workers count themselves out even when they panic, so the drainer stops and
+        // a failure fails the test instead of hanging it.
+        struct Out<'a>(&'a AtomicUsize);
+        impl Drop for Out<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let out = AtomicUsize::new(0);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                while out.load(Ordering::Relaxed) < 3 {
+                    b.set_limit(limit);
+                    std::thread::yield_now();
+                }
+            });
+            for t in 0..3u64 {
+                let (b, out) = (&b, &out);
+                s.spawn(move || {
+                    let _out = Out(out);
+                    for i in 0..200_000u64 {
+                        let size = 1 + (i * 7919 + t * 104_729) % (4 << 20);
+                        if b.reserve(size).is_ok() {
+                            assert!(b.used() <= limit, "over the limit");
+                            b.release(size);
+                        }
+                    }
+                });
+            }
+        });
+        assert_eq!(b.used(), 0, "bytes lost");
+        b.drain();
+        assert_eq!(b.claims(), 0, "credit lost or counted twice");
     }
 
     #[test]

@@ -121,20 +121,42 @@ pub(crate) fn thread_stripe(n: usize) -> usize {
 pub(crate) fn thread_slot(n: usize) -> Option<usize> {
     #[cfg(not(streamalloc_loom))]
     {
+        use std::cell::Cell;
         /// Indexes given back by threads that exited.
         static FREE: std::sync::Mutex<Vec<usize>> = std::sync::Mutex::new(Vec::new());
         static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-        /// The calling thread's index; given back on exit.
+        /// `MINE` before the thread's first call.
+        const UNSET: usize = usize::MAX;
+        /// `MINE` once the thread's index was given back (thread teardown).
+        const GONE: usize = usize::MAX - 1;
+        // The calling thread's index, read on every call: a `const` thread-local with no
+        // destructor, so reading it is one load, valid during teardown too.
+        thread_local!(static MINE: Cell<usize> = const { Cell::new(UNSET) });
+        /// Holds the index and gives it back on exit (after marking `MINE` gone, so no
+        /// later call of this thread, in another thread-local's destructor, uses it).
         struct Held(usize);
         impl Drop for Held {
             fn drop(&mut self) {
+                let _ = MINE.try_with(|m| m.set(GONE));
                 lock_std(&FREE).push(self.0);
             }
         }
         thread_local!(static HELD: Held = Held(lock_std(&FREE).pop().unwrap_or_else(|| {
             NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         })));
-        HELD.try_with(|h| h.0).ok().filter(|&i| i < n)
+        let mine = MINE.try_with(Cell::get).unwrap_or(GONE);
+        let index = match mine {
+            UNSET => {
+                // First call: take an index (registering `HELD`'s destructor); `None` if
+                // the thread is already being torn down.
+                let i = HELD.try_with(|h| h.0).ok()?;
+                let _ = MINE.try_with(|m| m.set(i));
+                i
+            }
+            GONE => return None,
+            i => i,
+        };
+        (index < n).then_some(index)
     }
     #[cfg(streamalloc_loom)]
     {

@@ -76,3 +76,29 @@ fn loom_exact_claim_is_not_refused_by_credit_another_thread_regrabs() {
         assert_eq!(budget.used(), 0, "bytes lost");
     });
 }
+
+#[test]
+fn loom_owned_stripe_plain_updates_race_a_drain() {
+    // An owned stripe's credit is spent and earned with plain loads and stores; a drain
+    // from another thread (a limit change, the exact path) must neither lose nor double
+    // any of it. Thread ids: the drainer is 1 (no owned stripe), the owner 2 (owned).
+    loom::model(|| {
+        let budget = Arc::new(Budget::new());
+        let b1 = budget.clone();
+        let drainer = thread::spawn(move || b1.drain());
+        let b2 = budget.clone();
+        let owner = thread::spawn(move || {
+            // The first claim takes a chunk (atomic); then a plain earn, spend and earn.
+            b2.reserve(10).unwrap();
+            b2.release(10);
+            b2.reserve(10).unwrap();
+            b2.release(10);
+        });
+        drainer.join().unwrap();
+        owner.join().unwrap();
+        assert_eq!(budget.used(), 0, "bytes lost");
+        // Every claim came back: credit neither lost nor counted twice.
+        budget.drain();
+        assert_eq!(budget.claims(), 0, "credit lost or duplicated");
+    });
+}
