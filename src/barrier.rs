@@ -18,6 +18,8 @@
 //! loom) or when `STREAMALLOC_ASYMMETRIC_FENCE=0` is set, [`asymmetric`] is `false` and
 //! the epoch keeps its symmetric form (`SeqCst` accesses on both sides).
 
+use crate::sync::{Ordering, fence};
+
 /// Whether [`heavy`] works in this process: registers the process for the expedited
 /// private command on the first call. `false` when membarrier is unavailable or
 /// `STREAMALLOC_ASYMMETRIC_FENCE=0`.
@@ -25,20 +27,103 @@ pub(crate) fn asymmetric() -> bool {
     imp::asymmetric()
 }
 
-/// The reader's side: orders this thread's earlier accesses before its later ones
-/// against a concurrent [`heavy`] (a compiler fence: the CPU's fence is the one `heavy`
-/// forces). Only valid while [`asymmetric`] is `true`.
+/// The frequent side's fence: orders this thread's earlier accesses before its later
+/// ones against a concurrent [`heavy`] (a compiler fence: the CPU's fence is the one
+/// `heavy` forces). Only valid while [`asymmetric`] is `true`.
 #[inline(always)]
-pub(crate) fn light() {
+fn light() {
     std::sync::atomic::compiler_fence(std::sync::atomic::Ordering::SeqCst);
 }
 
-/// The writer's side: a full fence here and in every thread of the process that runs
-/// now. Only valid while [`asymmetric`] is `true` (returns `false` if the call failed,
-/// after a `SeqCst` fence that then stands in for nothing: callers check
-/// [`asymmetric`] first).
-pub(crate) fn heavy() -> bool {
-    imp::heavy()
+/// The rare side's fence: a full fence here and in every thread of the process that runs
+/// now. Only valid while [`asymmetric`] is `true`: registered and tried then, the kernel
+/// does not take the command back; should it, the frequent side is not ordered, and this
+/// says so loudly.
+fn heavy() {
+    if !imp::heavy() {
+        log::error!("membarrier failed after registration: store-load ordering at risk");
+    }
+}
+
+/// The orderings of the symmetric pattern: `SeqCst` accesses (all four in one total
+/// order), or under loom acquire/release accesses plus `SeqCst` fences, because loom
+/// models `SeqCst` fences but treats `SeqCst` loads and stores as acquire/release.
+const SYM_STORE: Ordering =
+    if cfg!(streamalloc_loom) { Ordering::Release } else { Ordering::SeqCst };
+const SYM_RMW: Ordering = if cfg!(streamalloc_loom) { Ordering::Relaxed } else { Ordering::SeqCst };
+const SYM_LOAD: Ordering =
+    if cfg!(streamalloc_loom) { Ordering::Acquire } else { Ordering::SeqCst };
+
+/// One store-load (Dekker) pattern between a frequent side (a read section's announce,
+/// an owned budget stripe's busy mark) and a rare side (a capture transition, a credit
+/// drain): each side stores, fences, then loads what the other stored, so at least one
+/// of them sees the other. Asymmetric where [`asymmetric`] allows (the frequent side
+/// stores plainly and pays a compiler fence, the rare side a membarrier), symmetric
+/// otherwise and always under loom. The frequent side's later un-marking is a `Release`
+/// store that the rare side's loads (acquiring in both forms) pair with.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct StoreLoad {
+    asymmetric: bool,
+}
+
+impl StoreLoad {
+    /// The form this process uses (decided once, [`asymmetric`]; symmetric under loom).
+    pub(crate) fn new() -> Self {
+        StoreLoad { asymmetric: !cfg!(streamalloc_loom) && asymmetric() }
+    }
+
+    /// The frequent side's store.
+    #[inline(always)]
+    pub(crate) fn frequent_store(self) -> Ordering {
+        if self.asymmetric { Ordering::Relaxed } else { SYM_STORE }
+    }
+
+    /// The frequent side's store, when it is a read-modify-write.
+    #[inline(always)]
+    pub(crate) fn frequent_rmw(self) -> Ordering {
+        if self.asymmetric { Ordering::Relaxed } else { SYM_RMW }
+    }
+
+    /// Between the frequent side's store and its load.
+    #[inline(always)]
+    pub(crate) fn frequent_fence(self) {
+        if self.asymmetric {
+            light();
+        } else if cfg!(streamalloc_loom) {
+            fence(Ordering::SeqCst);
+        }
+    }
+
+    /// The frequent side's load (`Acquire` at least: it may publish data).
+    #[inline(always)]
+    pub(crate) fn frequent_load(self) -> Ordering {
+        if self.asymmetric { Ordering::Acquire } else { SYM_LOAD }
+    }
+
+    /// The rare side's store (`Release` at least: it may publish data).
+    pub(crate) fn rare_store(self) -> Ordering {
+        SYM_STORE
+    }
+
+    /// The rare side's store, when it is a read-modify-write.
+    pub(crate) fn rare_rmw(self) -> Ordering {
+        SYM_RMW
+    }
+
+    /// Between the rare side's store and its loads.
+    pub(crate) fn rare_fence(self) {
+        if self.asymmetric {
+            heavy();
+        } else if cfg!(streamalloc_loom) {
+            fence(Ordering::SeqCst);
+        }
+    }
+
+    /// The rare side's loads (acquiring: they pair with the frequent side's `Release`
+    /// un-marking).
+    pub(crate) fn rare_load(self) -> Ordering {
+        SYM_LOAD
+    }
 }
 
 #[cfg(all(target_os = "linux", any(target_arch = "x86_64", target_arch = "aarch64"), not(miri)))]
@@ -117,7 +202,7 @@ mod tests {
         let on = asymmetric();
         assert_eq!(asymmetric(), on);
         if on {
-            assert!(heavy());
+            assert!(imp::heavy());
         }
     }
 }

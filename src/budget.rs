@@ -28,9 +28,8 @@
 //! pays a compiler fence, the rare drain a system call), else `SeqCst` accesses as in the
 //! epoch. Threads beyond the owned stripes share the striped ones, with atomics.
 
-use crate::sync::{
-    AtomicBool, AtomicU64, AtomicUsize, Ordering, fence, thread_slot, thread_stripe,
-};
+use crate::barrier::StoreLoad;
+use crate::sync::{AtomicBool, AtomicU64, AtomicUsize, Ordering, thread_slot, thread_stripe};
 use crossbeam::utils::CachePadded;
 
 /// Stripes held by one thread each (the first `OWNED`; under loom, model threads with an
@@ -39,13 +38,6 @@ const OWNED: usize = if cfg!(streamalloc_loom) { 4 } else { 128 };
 /// Shared credit stripes after the owned ones; threads without an owned stripe are spread
 /// over them round-robin.
 const STRIPES: usize = if cfg!(streamalloc_loom) { 2 } else { 32 };
-
-/// The orderings of the owner/drain handshake's store-load pattern when it is symmetric
-/// (as in `crate::epoch`): `SeqCst` accesses, or under loom acquire/release plus fences.
-const HANDSHAKE_STORE: Ordering =
-    if cfg!(streamalloc_loom) { Ordering::Release } else { Ordering::SeqCst };
-const HANDSHAKE_LOAD: Ordering =
-    if cfg!(streamalloc_loom) { Ordering::Acquire } else { Ordering::SeqCst };
 
 /// One stripe: its credit, and (owned stripes) whether the owner is in a plain section.
 struct Stripe {
@@ -69,8 +61,9 @@ pub(crate) struct Budget {
     stripes: Box<[CachePadded<Stripe>]>,
     /// Drains under way (read by every owned-stripe section; raised only by drains).
     drains: CachePadded<AtomicUsize>,
-    /// The handshake's fences are asymmetric (membarrier); never under loom.
-    asymmetric: bool,
+    /// The owners' busy mark against a drain's announce ([`StoreLoad`]: asymmetric where
+    /// membarrier allows).
+    pattern: StoreLoad,
     /// Two-step moves of bytes between `reserved` and a stripe's credit (a chunk's
     /// claim then its credit, a give-back, a drain) started and finished: while they
     /// differ, `reserved - credit` may read high (the exact path must not refuse on such
@@ -93,7 +86,7 @@ impl Budget {
                 })
                 .collect(),
             drains: CachePadded::new(AtomicUsize::new(0)),
-            asymmetric: !cfg!(streamalloc_loom) && crate::barrier::asymmetric(),
+            pattern: StoreLoad::new(),
             moves_started: CachePadded::new(AtomicU64::new(0)),
             moves_finished: CachePadded::new(AtomicU64::new(0)),
         }
@@ -280,17 +273,9 @@ impl Budget {
         f: impl FnOnce(&AtomicU64) -> Option<R>,
     ) -> Option<R> {
         // The store-load pattern (module docs): mark busy, fence, read `drains`.
-        let drains = if self.asymmetric {
-            stripe.busy.store(true, Ordering::Relaxed);
-            crate::barrier::light();
-            self.drains.load(Ordering::Relaxed)
-        } else {
-            stripe.busy.store(true, HANDSHAKE_STORE);
-            if cfg!(streamalloc_loom) {
-                fence(Ordering::SeqCst);
-            }
-            self.drains.load(HANDSHAKE_LOAD)
-        };
+        stripe.busy.store(true, self.pattern.frequent_store());
+        self.pattern.frequent_fence();
+        let drains = self.drains.load(self.pattern.frequent_load());
         let result = if drains == 0 { f(&stripe.credit) } else { None };
         // Release: a drain that reads `false` (Acquire) sees the credit store above.
         stripe.busy.store(false, Ordering::Release);
@@ -300,17 +285,8 @@ impl Budget {
     /// Announces a drain: from here owners take the atomic path. The pattern's other
     /// half: announce, fence (membarrier where asymmetric), then read the busy marks.
     fn begin_drain(&self) -> Drain {
-        self.drains.fetch_add(
-            1,
-            if cfg!(streamalloc_loom) { Ordering::Relaxed } else { Ordering::SeqCst },
-        );
-        if self.asymmetric {
-            if !crate::barrier::heavy() {
-                log::error!("membarrier failed after registration: credit drain ordering at risk");
-            }
-        } else if cfg!(streamalloc_loom) {
-            fence(Ordering::SeqCst);
-        }
+        self.drains.fetch_add(1, self.pattern.rare_rmw());
+        self.pattern.rare_fence();
         Drain(())
     }
 
@@ -326,9 +302,10 @@ impl Budget {
         let move_ = self.begin_move();
         for (i, stripe) in self.stripes.iter().enumerate() {
             if i < OWNED {
-                // Acquire: pairs with the owner's Release un-marking.
-                while stripe.busy.load(HANDSHAKE_LOAD) {
-                    crate::sync::spin_hint();
+                // Acquire: pairs with the owner's Release un-marking. Yields: the owner may
+                // be preempted inside its few-instruction section.
+                while stripe.busy.load(self.pattern.rare_load()) {
+                    crate::sync::spin_wait();
                 }
             }
             // Release: a reader that sees the drained stripe sees the move's start.

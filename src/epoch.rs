@@ -29,7 +29,8 @@
 //! order, which gives the same guarantee, and on x86 the reader pays only its locked
 //! add (a `SeqCst` load is a plain load) instead of an `mfence`, twice per alloc/free
 //! pair. Under loom the fences are kept, because loom models `SeqCst` fences but treats
-//! `SeqCst` loads and stores as acquire/release ([`dekker`]). The section's end is a `Release`
+//! `SeqCst` loads and stores as acquire/release (`crate::barrier::StoreLoad`, shared with
+//! the budget's drain handshake). The section's end is a `Release`
 //! decrement that pairs with the writer's `Acquire` counter reads: what the section did
 //! (remembering a free stream) is visible to the writer once it sees the counter drop.
 //!
@@ -55,8 +56,9 @@
 //! that the writer stores before publishing an odd epoch with `Release`: a reader that
 //! read the odd epoch with `Acquire` sees the capture.
 
+use crate::barrier::StoreLoad;
 use crate::sync::{
-    AtomicU64, AtomicUsize, Mutex, Ordering, fence, lock, spin_wait, thread_slot, thread_stripe,
+    AtomicU64, AtomicUsize, Mutex, Ordering, lock, spin_wait, thread_slot, thread_stripe,
 };
 use crossbeam::utils::CachePadded;
 
@@ -72,30 +74,11 @@ const STRIPES: usize = if cfg!(streamalloc_loom) { 2 } else { 16 };
 pub(crate) struct EpochGate {
     word: CachePadded<AtomicU64>,
     readers: [Box<[CachePadded<AtomicUsize>]>; 2],
-    /// The store-load pattern's fences are asymmetric ([`crate::barrier`]): readers
-    /// order with a compiler fence, the writer with a process-wide membarrier. Decided
-    /// once at construction; never under loom.
-    asymmetric: bool,
+    /// The readers' announce against the writer's publish ([`StoreLoad`]: asymmetric
+    /// where membarrier allows).
+    pattern: StoreLoad,
     /// Serializes writers (capture begin/end); never taken on the hot path.
     writer: Mutex<()>,
-}
-
-/// The ordering of the four accesses of the store-load pattern (module docs): `SeqCst`,
-/// or under loom `Relaxed`/`Acquire` plus a `SeqCst` fence ([`dekker`]).
-const DEKKER_RMW: Ordering =
-    if cfg!(streamalloc_loom) { Ordering::Relaxed } else { Ordering::SeqCst };
-const DEKKER_LOAD: Ordering =
-    if cfg!(streamalloc_loom) { Ordering::Acquire } else { Ordering::SeqCst };
-const DEKKER_STORE: Ordering =
-    if cfg!(streamalloc_loom) { Ordering::Release } else { Ordering::SeqCst };
-
-/// The fence between the store and the load of the pattern: under loom a `SeqCst`
-/// fence; otherwise nothing, the accesses themselves being `SeqCst`.
-#[inline(always)]
-fn dekker() {
-    if cfg!(streamalloc_loom) {
-        fence(Ordering::SeqCst);
-    }
 }
 
 /// A read section: while it lives, a writer that published a later epoch waits.
@@ -114,17 +97,16 @@ struct Counter<'a> {
 impl Counter<'_> {
     /// Announces a section: the store half of the store-load pattern.
     #[inline]
-    fn announce(self, asymmetric: bool) {
+    fn announce(self, pattern: StoreLoad) {
         if self.owned {
             // Only this thread writes its counter, so a Relaxed load reads its own last
             // store (or the previous owner's, ordered by `thread_slot`'s registry); the
-            // store is the pattern's SeqCst store (pairs with the writer's counter read),
-            // or a plain store when the writer's membarrier orders it instead.
+            // store is the pattern's frequent-side store (pairs with the writer's
+            // counter read).
             let now = self.counter.load(Ordering::Relaxed);
-            self.counter.store(now + 1, if asymmetric { Ordering::Relaxed } else { DEKKER_STORE });
+            self.counter.store(now + 1, pattern.frequent_store());
         } else {
-            let order = if asymmetric { Ordering::Relaxed } else { DEKKER_RMW };
-            self.counter.fetch_add(1, order);
+            self.counter.fetch_add(1, pattern.frequent_rmw());
         }
     }
 
@@ -163,7 +145,7 @@ impl EpochGate {
         EpochGate {
             word: CachePadded::new(AtomicU64::new(0)),
             readers: [set(), set()],
-            asymmetric: !cfg!(streamalloc_loom) && crate::barrier::asymmetric(),
+            pattern: StoreLoad::new(),
             writer: Mutex::new(()),
         }
     }
@@ -184,19 +166,12 @@ impl EpochGate {
         loop {
             let epoch = self.word.load(Ordering::Acquire);
             let counter = Counter { counter: &self.readers[(epoch & 1) as usize][s], owned };
-            counter.announce(self.asymmetric);
+            counter.announce(self.pattern);
             // Pairs with the writer's side in `transition` (see the module docs).
-            let reread = if self.asymmetric {
-                crate::barrier::light();
-                // Acquire: sees what the writer installed before publishing.
-                Ordering::Acquire
-            } else {
-                dekker();
-                DEKKER_LOAD
-            };
+            self.pattern.frequent_fence();
             // Re-read: if a writer published meanwhile it may already have checked our
             // counter; retry under the new epoch.
-            if self.word.load(reread) == epoch {
+            if self.word.load(self.pattern.frequent_load()) == epoch {
                 return Section { counter, epoch };
             }
             counter.leave();
@@ -220,17 +195,9 @@ impl EpochGate {
         before_publish();
         // Release (at least): a reader that reads the new word sees what `before_publish`
         // installed.
-        self.word.store(old + 1, DEKKER_STORE);
+        self.word.store(old + 1, self.pattern.rare_store());
         // Pairs with the reader's side in `enter` (see the module docs).
-        if self.asymmetric {
-            if !crate::barrier::heavy() {
-                // Registered and tried at construction: the kernel does not take the
-                // command back. Should it, readers are not ordered: say so loudly.
-                log::error!("membarrier failed after registration: capture ordering at risk");
-            }
-        } else {
-            dekker();
-        }
+        self.pattern.rare_fence();
         self.wait_readers((old & 1) as usize);
         Ok(after_grace())
     }
@@ -238,7 +205,7 @@ impl EpochGate {
     fn wait_readers(&self, parity: usize) {
         for counter in self.readers[parity].iter() {
             // Acquire (at least): pairs with the Release decrement that ends a section.
-            while counter.load(DEKKER_LOAD) != 0 {
+            while counter.load(self.pattern.rare_load()) != 0 {
                 spin_wait();
             }
         }
