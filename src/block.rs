@@ -151,9 +151,9 @@ impl Record {
     /// spare. Nobody can take a new reference to it: it is in no map or list.
     #[inline]
     pub(crate) fn retire(rec: Arc<Record>) {
-        // A relaxed read: seeing 1 means every other holder's decrement has happened;
-        // `shared` orders their last uses before its write with `get_mut`'s Acquire (and
-        // falls back to a new record if `get_mut` disagrees).
+        // A relaxed read, only a filter: `shared` reads the count again before it reuses
+        // the record and orders the other holders' last uses with its Acquire fence (a
+        // spare it finds shared is dropped, and a new record made).
         if Arc::strong_count(&rec) == 1 {
             let _ = SPARE.try_with(|s| {
                 let mut s = s.borrow_mut();
@@ -247,10 +247,18 @@ impl Record {
     }
 
     /// The recorded streams.
+    #[inline]
     pub(crate) fn recorded(&self) -> Vec<UsageStream> {
         if !self.has_recorded() {
             return Vec::new();
         }
+        self.recorded_list()
+    }
+
+    /// `recorded` of a block used on other streams (the lock and a copy).
+    #[cold]
+    #[inline(never)]
+    fn recorded_list(&self) -> Vec<UsageStream> {
         crate::sync::lock_std(&self.recorded).clone()
     }
 

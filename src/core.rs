@@ -230,6 +230,7 @@ impl<D: Driver> StreamAlloc<D> {
     /// The handle carries the block's record, so dropping it needs no lookup; the block
     /// is in the allocator's map all the same (the pointer API sees it: `base_allocation`,
     /// `record_stream`, `snapshot`), but only the handle may free it.
+    #[inline]
     pub fn allocate(&self, device: Device, size: usize, stream: Stream) -> Result<Block<'_, D>> {
         let rec = self.acquire_noted(device, size as u64, stream)?;
         Ok(Block { alloc: self, rec, size, device, stream })
@@ -242,16 +243,25 @@ impl<D: Driver> StreamAlloc<D> {
     }
 
     /// S2: the device's first use configures its pool and makes its unifying stream.
+    #[inline(always)]
     fn lazy_init<'a>(&self, shard: &'a Shard) -> Result<&'a Shard> {
         if shard.unifying.get().is_none() {
-            let _g = shard.init.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-            if shard.unifying.get().is_none() {
-                self.driver.init_device(shard.device)?;
-                let stream = self.driver.create_stream(shard.device)?;
-                let _ = shard.unifying.set(stream);
-            }
+            self.init_device(shard)?;
         }
         Ok(shard)
+    }
+
+    /// `lazy_init`'s first use of a device (out of line).
+    #[cold]
+    #[inline(never)]
+    fn init_device(&self, shard: &Shard) -> Result<()> {
+        let _g = shard.init.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if shard.unifying.get().is_none() {
+            self.driver.init_device(shard.device)?;
+            let stream = self.driver.create_stream(shard.device)?;
+            let _ = shard.unifying.set(stream);
+        }
+        Ok(())
     }
 
     /// The error for a pointer that is not a live block: a double free when the map

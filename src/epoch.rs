@@ -157,7 +157,7 @@ impl EpochGate {
     }
 
     /// Begins a read section.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn enter(&self) -> Section<'_> {
         let (s, owned) = match thread_slot(OWNED) {
             Some(s) => (s, true),

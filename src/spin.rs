@@ -27,10 +27,25 @@ impl<T> SpinLock<T> {
         SpinLock { locked: AtomicBool::new(false), value: UnsafeCell::new(value) }
     }
 
-    #[inline]
+    #[inline(always)]
     pub(crate) fn lock(&self) -> SpinGuard<'_, T> {
-        let mut spins = 0u32;
         // Acquire: pairs with the Release store of the previous holder's unlock.
+        if self
+            .locked
+            .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
+            self.lock_contended();
+        }
+        SpinGuard { lock: self }
+    }
+
+    /// `lock` after a failed first try: spin, then yield, until the lock is taken.
+    #[cold]
+    #[inline(never)]
+    fn lock_contended(&self) {
+        let mut spins = 0u32;
+        // Acquire: as in `lock`.
         while self
             .locked
             .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
@@ -45,7 +60,6 @@ impl<T> SpinLock<T> {
                 }
             }
         }
-        SpinGuard { lock: self }
     }
 }
 

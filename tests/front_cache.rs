@@ -337,3 +337,40 @@ fn dropping_the_allocator_while_no_stream_captures_frees_everything_at_once() {
     assert_eq!(sim.live_blocks(0), 0);
     assert!(sim.reports().is_empty(), "{:?}", sim.reports());
 }
+
+/// A thread keeps the stream caches it used last in a memo (four entries, the latest one
+/// read first): more streams than entries evict entries, `empty_cache` retires the caches
+/// the memo points to, and a second allocator on the same device and streams has caches
+/// of its own. Each block must still go back to its own allocator and stream.
+#[test]
+fn the_per_thread_memo_keeps_streams_and_allocators_apart() {
+    let sim = Arc::new(SimDriver::with_devices(1, 1 << 30));
+    let allocs: Vec<_> = (0..2).map(|_| StreamAlloc::new(sim.clone()).unwrap()).collect();
+    let streams: Vec<UsageStream> = (0..6).map(|_| sim.new_usage_stream(0).unwrap()).collect();
+    // Allocator k's blocks on stream i are (i + 1) * (k + 1) KiB (each a size class).
+    let bytes = |k: usize, i: usize| ((i + 1) * (k + 1)) << 10;
+    for round in 0..40 {
+        for (i, s) in streams.iter().enumerate() {
+            for (k, a) in allocs.iter().enumerate() {
+                drop(a.allocate(0, bytes(k, i), s.stream).unwrap());
+            }
+        }
+        if round % 7 == 6 {
+            allocs[round % 2].empty_cache().unwrap();
+        }
+    }
+    for (k, a) in allocs.iter().enumerate() {
+        let idle = a.idle_blocks(0);
+        assert_eq!(idle.len(), 6, "allocator {k}: {idle:?}");
+        for (_, b, stream) in idle {
+            let i = streams.iter().position(|s| s.stream == stream).expect("a known stream");
+            assert_eq!(b, bytes(k, i) as u64, "allocator {k}, stream {i}");
+        }
+        // Hit counters live in the stream caches, which `empty_cache` drops (last after
+        // round 34): the rounds after it hit on every stream.
+        let stats = a.device_stats(0).unwrap();
+        assert!(stats.cache_hits >= 6 * 4, "allocator {k}: {stats:?}");
+        assert_eq!(stats.allocated_current, 0);
+    }
+    sim.assert_clean();
+}

@@ -25,15 +25,24 @@ pub(crate) fn class_of(size: u64) -> Option<(usize, u64)> {
     Some((1 + 4 * (k as usize - 9) + (m as usize - 5), m * step))
 }
 
-/// The size of class `idx`.
+/// The size of class `idx` (a table read: the hit path and every put use it).
+#[inline]
 pub(crate) fn class_size(idx: usize) -> u64 {
-    if idx == 0 {
-        return 512;
-    }
-    let k = (idx - 1) / 4 + 9;
-    let m = (idx - 1) % 4 + 5;
-    (m as u64) << (k - 2)
+    CLASS_SIZES[idx]
 }
+
+/// Class sizes by index, computed once at compile time.
+const CLASS_SIZES: [u64; CLASSES] = {
+    let mut t = [512u64; CLASSES];
+    let mut idx = 1;
+    while idx < CLASSES {
+        let k = (idx - 1) / 4 + 9;
+        let m = (idx - 1) % 4 + 5;
+        t[idx] = (m as u64) << (k - 2);
+        idx += 1;
+    }
+    t
+};
 
 #[cfg(test)]
 mod tests {

@@ -40,7 +40,7 @@ use crate::block::Record;
 use crate::types::{Device, Stream};
 use crossbeam::utils::CachePadded;
 use dashmap::DashMap;
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use stream::{Lists, StreamCache};
@@ -185,14 +185,50 @@ pub(crate) struct FrontCache {
     born: std::time::Instant,
 }
 
-/// A memo entry: (cache id, device, stream, that stream's cache).
-type MemoEntry = (u64, Device, Stream, Arc<StreamCache>);
+/// A memo entry: (cache id, device, stream) and that stream's cache.
+type MemoEntry = (MemoKey, Arc<StreamCache>);
+
+/// The key of a memo entry: (cache id, device, stream).
+type MemoKey = (u64, Device, Stream);
+
+/// This thread's memo: the entries, which hold their stream caches alive.
+struct Memo(Vec<MemoEntry>);
+
+impl Drop for Memo {
+    fn drop(&mut self) {
+        // The entries go: so does the pointer to one of them.
+        LAST.set(None);
+    }
+}
 
 thread_local! {
     /// The stream caches this thread used last.
-    static MEMO: RefCell<Vec<MemoEntry>> = const { RefCell::new(Vec::new()) };
+    static MEMO: RefCell<Memo> = const { RefCell::new(Memo(Vec::new())) };
+    /// The memo entry found last (a plain thread-local read on the hot path, no
+    /// destructor to register): `Some` only while `MEMO` holds an entry of that key,
+    /// whose `Arc` keeps the pointer valid.
+    static LAST: Cell<Option<(MemoKey, *const StreamCache)>> = const { Cell::new(None) };
 }
 const MEMO_ENTRIES: usize = 4;
+
+/// A stream cache found by [`FrontCache::find`]: in this thread's memo, or fetched from
+/// the map (then `fetched` holds it).
+struct Found {
+    cache: *const StreamCache,
+    fetched: Option<Arc<StreamCache>>,
+}
+
+impl Found {
+    /// The stream cache.
+    #[inline(always)]
+    fn get(&self) -> &StreamCache {
+        // Safety: `cache` points into an `Arc` kept alive by `fetched`, or by this
+        // thread's memo entry, which only this thread removes: in `FrontCache::done` and
+        // `forget` (after the use of this `Found` ends: `done` consumes it) or when the
+        // thread exits. Nothing run while a `Found` is in use touches the memo.
+        unsafe { &*self.cache }
+    }
+}
 
 impl FrontCache {
     pub(crate) fn new(config: CacheConfig, devices: usize) -> Self {
@@ -227,7 +263,7 @@ impl FrontCache {
     /// The cache tier of malloc: an idle block of the request's `class` (or up to `class_reach`
     /// classes larger) on `stream`. `on_reuse` runs under the stream cache's lock, so no
     /// other thread can hand the block out before it returns.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn take(
         &self,
         device: Device,
@@ -236,71 +272,70 @@ impl FrontCache {
         on_reuse: impl FnOnce(&Record),
     ) -> Option<Arc<Record>> {
         let reach = self.config.class_reach;
-        self.with_stream_cache(device, stream, false, |sc| {
-            let mut l = sc.lock();
-            if l.retired {
-                return Err(());
+        let found = self.find(device, stream, false)?;
+        let sc = found.get();
+        let mut l = sc.lock();
+        if l.retired {
+            drop(l);
+            self.done(device, stream, found, false);
+            return None;
+        }
+        sc.touch();
+        l.ops += 1;
+        let taken = l.pop(class, reach);
+        match &taken {
+            Some(rec) => {
+                l.hits += 1;
+                l.live += rec.alloc_size;
+                self.publish(device, &mut l, false);
+                on_reuse(rec);
             }
-            sc.touch();
-            l.ops += 1;
-            let Some(rec) = l.pop(class, reach) else {
-                l.misses += 1;
-                return Ok(None);
-            };
-            l.hits += 1;
-            l.live += rec.alloc_size;
-            self.publish(device, &mut l, false);
-            on_reuse(&rec);
-            Ok(Some(rec))
-        })
-        .flatten()
+            None => l.misses += 1,
+        }
+        drop(l);
+        self.done(device, stream, found, true);
+        taken
     }
 
     /// The cache tier of free: keeps `rec` (idle, its state already `CACHED`, its class
     /// not `NO_CLASS`) for reuse on its creation stream. `on_cache` runs under the lock
     /// before the block can be handed out again. Returns what the release policy gives
     /// back to the driver, if anything.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn put(&self, rec: Arc<Record>, on_cache: impl FnOnce(&Record)) -> Option<Released> {
         let device = rec.device();
         let stream = rec.creation_stream;
         let class = rec.class as usize;
-        let mut rec = Some(rec);
-        let mut on_cache = Some(on_cache);
         loop {
-            let done = self.with_stream_cache(device, stream, true, |sc| {
-                let mut l = sc.lock();
-                if l.retired {
-                    return Err(());
-                }
-                let r = rec.take().expect("put once");
-                (on_cache.take().expect("runs once"))(&r);
-                l.live = l.live.saturating_sub(r.alloc_size);
-                sc.touch();
-                l.ops += 1;
-                r.set_idle_since(l.ops_total);
-                l.push(class, r);
-                let idle_check =
-                    self.config.idle_interval > 0 && l.ops >= self.config.idle_interval;
-                let published = self.publish(device, &mut l, idle_check);
-                if !idle_check && !published {
-                    return Ok(None);
-                }
-                Ok(Some(self.put_policy(device, &mut l, idle_check)))
-            });
-            match done {
-                Some(None) => return None,
-                Some(Some((own, idle_check))) => {
-                    let others = if idle_check && self.sweep_due(device) {
-                        self.sweep(device, Some(stream))
-                    } else {
-                        Vec::new()
-                    };
-                    return Some(Released { own, others });
-                }
-                // The stream cache was retired meanwhile: look it up afresh.
-                None => continue,
+            // With `create` there is always a cache to find.
+            let Some(found) = self.find(device, stream, true) else { continue };
+            let sc = found.get();
+            let mut l = sc.lock();
+            if l.retired {
+                // Retired meanwhile: look it up afresh.
+                drop(l);
+                self.done(device, stream, found, false);
+                continue;
             }
+            on_cache(&rec);
+            l.live = l.live.saturating_sub(rec.alloc_size);
+            sc.touch();
+            l.ops += 1;
+            rec.set_idle_since(l.ops_total);
+            l.push(class, rec);
+            let idle_check = self.config.idle_interval > 0 && l.ops >= self.config.idle_interval;
+            let published = self.publish(device, &mut l, idle_check);
+            let policy =
+                (idle_check || published).then(|| self.put_policy(device, &mut l, idle_check));
+            drop(l);
+            self.done(device, stream, found, true);
+            let (own, idle_check) = policy?;
+            let others = if idle_check && self.sweep_due(device) {
+                self.sweep(device, Some(stream))
+            } else {
+                Vec::new()
+            };
+            return Some(Released { own, others });
         }
     }
 
@@ -463,10 +498,54 @@ impl FrontCache {
         }
     }
 
-    /// Runs `f` on the cache of (device, stream), found through this thread's memo (on a
-    /// memo hit no shared line is touched). Without `create`, a stream with no cache
-    /// gives `None`. `f` returns `Err` when it finds the cache retired: the memo entry
-    /// is dropped and `None` returned.
+    /// The cache of (device, stream), found through this thread's memo (on a memo hit no
+    /// shared line is touched and no reference count moves), or from the map (made when
+    /// `create`). Use it, then hand it to [`FrontCache::done`].
+    #[inline(always)]
+    fn find(&self, device: Device, stream: Stream, create: bool) -> Option<Found> {
+        let key = (self.id, device, stream);
+        if let Ok(Some((last, cache))) = LAST.try_with(Cell::get)
+            && last == key
+        {
+            return Some(Found { cache, fetched: None });
+        }
+        self.find_slow(key, create)
+    }
+
+    /// `find` past the last entry: the rest of the memo, then the map.
+    #[inline(never)]
+    fn find_slow(&self, key: MemoKey, create: bool) -> Option<Found> {
+        let memo_hit = MEMO
+            .try_with(|memo| {
+                let cache = Arc::as_ptr(&memo.borrow().0.iter().find(|e| e.0 == key)?.1);
+                LAST.set(Some((key, cache)));
+                Some(cache)
+            })
+            .ok()
+            .flatten();
+        Some(match memo_hit {
+            Some(cache) => Found { cache, fetched: None },
+            None => {
+                let fetched = self.lookup(key.1, key.2, create)?;
+                Found { cache: Arc::as_ptr(&fetched), fetched: Some(fetched) }
+            }
+        })
+    }
+
+    /// Ends a use of `found`: a cache fetched from the map goes into the memo, a retired
+    /// one (`usable` false) out of it.
+    #[inline(always)]
+    fn done(&self, device: Device, stream: Stream, found: Found, usable: bool) {
+        if !usable {
+            self.forget(device, stream);
+        } else if let Some(cache) = found.fetched {
+            self.remember(device, stream, cache);
+        }
+    }
+
+    /// Runs `f` on the cache of (device, stream) ([`FrontCache::find`]). Without `create`,
+    /// a stream with no cache gives `None`. `f` returns `Err` when it finds the cache
+    /// retired: the memo entry is dropped and `None` returned.
     #[inline]
     fn with_stream_cache<R>(
         &self,
@@ -475,37 +554,35 @@ impl FrontCache {
         create: bool,
         f: impl FnOnce(&StreamCache) -> Result<R, ()>,
     ) -> Option<R> {
-        let mine = |e: &MemoEntry| e.0 == self.id && e.1 == device && e.2 == stream;
-        let mut f = Some(f);
-        // A memo hit runs `f` inside the borrow: no reference count moves.
-        let hit = MEMO.try_with(|memo| {
-            let memo = memo.borrow();
-            let e = memo.iter().find(|e| mine(e))?;
-            Some((f.take().expect("runs once"))(&e.3))
+        let found = self.find(device, stream, create)?;
+        let result = f(found.get());
+        self.done(device, stream, found, result.is_ok());
+        result.ok()
+    }
+
+    /// Drops (device, stream) from this thread's memo (its cache was retired).
+    #[cold]
+    fn forget(&self, device: Device, stream: Stream) {
+        let key = (self.id, device, stream);
+        let _ = MEMO.try_with(|memo| {
+            // First the pointer, then the entry that keeps it valid.
+            let _ = LAST.try_with(|last| last.set(None));
+            memo.borrow_mut().0.retain(|e| e.0 != key);
         });
-        let result = match hit {
-            Ok(Some(r)) => r,
-            _ => {
-                let cache = self.lookup(device, stream, create)?;
-                let r = (f.take().expect("runs once"))(&cache);
-                if r.is_ok() {
-                    let _ = MEMO.try_with(|memo| {
-                        let mut memo = memo.borrow_mut();
-                        if memo.len() >= MEMO_ENTRIES {
-                            memo.remove(0);
-                        }
-                        memo.push((self.id, device, stream, cache));
-                    });
-                }
-                r
+    }
+
+    /// Files a stream cache in this thread's memo (a memo miss; out of line).
+    #[inline(never)]
+    fn remember(&self, device: Device, stream: Stream, cache: Arc<StreamCache>) {
+        let key = (self.id, device, stream);
+        let _ = MEMO.try_with(|memo| {
+            let mut memo = memo.borrow_mut();
+            if memo.0.len() >= MEMO_ENTRIES {
+                let _ = LAST.try_with(|last| last.set(None));
+                memo.0.remove(0);
             }
-        };
-        match result {
-            Ok(r) => Some(r),
-            Err(()) => {
-                let _ = MEMO.try_with(|memo| memo.borrow_mut().retain(|e| !mine(e)));
-                None
-            }
-        }
+            let _ = LAST.try_with(|last| last.set(Some((key, Arc::as_ptr(&cache)))));
+            memo.0.push((key, cache));
+        });
     }
 }

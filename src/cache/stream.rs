@@ -39,7 +39,7 @@ pub(crate) struct Lists {
 
 impl Lists {
     /// Pops a block of class `class`, or of one of the next `reach` classes.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn pop(&mut self, class: usize, reach: usize) -> Option<Arc<Record>> {
         let last = (class + reach).min(CLASSES - 1);
         for c in class..=last {
@@ -56,7 +56,7 @@ impl Lists {
     }
 
     /// Pushes an idle block onto its class list.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn push(&mut self, class: usize, rec: Arc<Record>) {
         self.ops_total += 1;
         self.free[class].push(rec);

@@ -315,7 +315,7 @@ impl<D: Driver> Driver for Laned<D> {
         self.inner().name()
     }
 
-    #[inline]
+    #[inline(always)]
     fn malloc_async(&self, device: Device, size: usize, stream: Stream) -> DriverResult<DevicePtr> {
         match &self.lane {
             Lane::Off(d) => d.malloc_async(device, size, stream),
@@ -324,7 +324,7 @@ impl<D: Driver> Driver for Laned<D> {
         }
     }
 
-    #[inline]
+    #[inline(always)]
     fn free_async(
         &self,
         device: Device,
