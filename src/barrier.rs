@@ -72,32 +72,33 @@ impl StoreLoad {
         StoreLoad { asymmetric: !cfg!(streamalloc_loom) && asymmetric() }
     }
 
-    /// The frequent side's store.
+    /// The frequent side whole: `store` (given the ordering to store with), the fence,
+    /// then `load` (given the ordering to load with). Each form passes constant
+    /// orderings, so the atomic accesses compile inline to plain instructions.
     #[inline(always)]
-    pub(crate) fn frequent_store(self) -> Ordering {
-        if self.asymmetric { Ordering::Relaxed } else { SYM_STORE }
-    }
-
-    /// The frequent side's store, when it is a read-modify-write.
-    #[inline(always)]
-    pub(crate) fn frequent_rmw(self) -> Ordering {
-        if self.asymmetric { Ordering::Relaxed } else { SYM_RMW }
-    }
-
-    /// Between the frequent side's store and its load.
-    #[inline(always)]
-    pub(crate) fn frequent_fence(self) {
+    pub(crate) fn frequent<T>(
+        self,
+        store: impl FnOnce(Ordering),
+        load: impl FnOnce(Ordering) -> T,
+    ) -> T {
         if self.asymmetric {
+            store(Ordering::Relaxed);
             light();
-        } else if cfg!(streamalloc_loom) {
-            fence(Ordering::SeqCst);
+            load(Ordering::Acquire)
+        } else {
+            store(SYM_STORE);
+            if cfg!(streamalloc_loom) {
+                fence(Ordering::SeqCst);
+            }
+            load(SYM_LOAD)
         }
     }
 
-    /// The frequent side's load (`Acquire` at least: it may publish data).
+    /// The frequent side's store, when it is a read-modify-write (then `frequent`'s
+    /// `store` closure uses this ordering instead of the one it is given).
     #[inline(always)]
-    pub(crate) fn frequent_load(self) -> Ordering {
-        if self.asymmetric { Ordering::Acquire } else { SYM_LOAD }
+    pub(crate) fn frequent_rmw(self) -> Ordering {
+        if self.asymmetric { Ordering::Relaxed } else { SYM_RMW }
     }
 
     /// The rare side's store (`Release` at least: it may publish data).

@@ -109,8 +109,8 @@ impl Record {
             captured,
             creation_stream: stream,
             alloc_size,
-            class: match crate::cache::class_of(alloc_size) {
-                Some((c, cs)) if cacheable && cs == alloc_size => c as u8,
+            class: match cacheable.then(|| crate::cache::class_of(alloc_size)).flatten() {
+                Some((c, cs)) if cs == alloc_size => c as u8,
                 _ => NO_CLASS,
             },
             size: AtomicU64::new(size),

@@ -122,23 +122,33 @@ impl Budget {
 
     /// Claims `size` live bytes if `used + size <= limit`; on refusal returns the bytes
     /// in use.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn reserve(&self, size: u64) -> Result<(), u64> {
-        let (stripe, owned) = self.stripe();
+        // The common case inline: this thread's own stripe has the credit.
+        if let Some(stripe) = self.owned_stripe()
+            && self.within_limit()
+            && self
+                .owned_section(stripe, |credit| {
+                    let have = credit.load(Ordering::Relaxed);
+                    (have >= size).then(|| credit.store(have - size, Ordering::Relaxed))
+                })
+                .is_some()
+        {
+            return Ok(());
+        }
+        self.reserve_shared(size)
+    }
+
+    /// `reserve` past its owned-stripe fast path: the stripe's credit by
+    /// compare-and-swap, a new chunk of credit, an exact claim.
+    #[inline(never)]
+    fn reserve_shared(&self, size: u64) -> Result<(), u64> {
+        let (stripe, _) = self.stripe();
         let credit = &stripe.credit;
         // Credit may be spent only while the claims are within the limit (a lowered limit,
         // or bytes freed into credit after it, can leave them above): then live bytes,
         // which never exceed the claims, stay within it too.
         let within = self.within_limit();
-        if within && owned {
-            let spent = self.owned_section(stripe, |credit| {
-                let have = credit.load(Ordering::Relaxed);
-                (have >= size).then(|| credit.store(have - size, Ordering::Relaxed))
-            });
-            if spent.is_some() {
-                return Ok(());
-            }
-        }
         let mut have = if within { credit.load(Ordering::Relaxed) } else { 0 };
         while have >= size {
             match credit.compare_exchange_weak(
@@ -215,24 +225,33 @@ impl Budget {
     }
 
     /// Gives back `size` live bytes (they become this stripe's credit).
-    #[inline]
+    #[inline(always)]
     pub(crate) fn release(&self, size: u64) {
+        // The common case inline: no exact claim under way, room in the own stripe.
+        if self.exact.load(Ordering::Relaxed) == 0
+            && let Some(stripe) = self.owned_stripe()
+            && self
+                .owned_section(stripe, |credit| {
+                    let have = credit.load(Ordering::Relaxed).saturating_add(size);
+                    (have <= 2 * CREDIT_CHUNK).then(|| credit.store(have, Ordering::Relaxed))
+                })
+                .is_some()
+        {
+            return;
+        }
+        self.release_shared(size);
+    }
+
+    /// `release` past its owned-stripe fast path.
+    #[inline(never)]
+    fn release_shared(&self, size: u64) {
         if self.exact.load(Ordering::Relaxed) > 0 {
             // A thread is draining credit for an exact claim: give the bytes back to it.
             self.reserved.fetch_sub(size, Ordering::Relaxed);
             return;
         }
-        let (stripe, owned) = self.stripe();
+        let (stripe, _) = self.stripe();
         let credit = &stripe.credit;
-        if owned {
-            let earned = self.owned_section(stripe, |credit| {
-                let have = credit.load(Ordering::Relaxed).saturating_add(size);
-                (have <= 2 * CREDIT_CHUNK).then(|| credit.store(have, Ordering::Relaxed))
-            });
-            if earned.is_some() {
-                return;
-            }
-        }
         let mut have = credit.fetch_add(size, Ordering::Relaxed) + size;
         while have > 2 * CREDIT_CHUNK {
             let move_ = self.begin_move();
@@ -254,6 +273,12 @@ impl Budget {
         }
     }
 
+    /// This thread's own stripe, if it holds one.
+    #[inline(always)]
+    fn owned_stripe(&self) -> Option<&Stripe> {
+        thread_slot(OWNED).map(|i| &*self.stripes[i])
+    }
+
     /// This thread's stripe, and whether the thread holds it alone.
     #[inline]
     fn stripe(&self) -> (&Stripe, bool) {
@@ -266,16 +291,16 @@ impl Budget {
     /// Runs `f` on the caller's own stripe's credit, which `f` may update with a plain
     /// load and store, unless a drain is under way (then `None`, and the caller takes the
     /// atomic path). `f` returns `None` when it did not write.
-    #[inline]
+    #[inline(always)]
     fn owned_section<R>(
         &self,
         stripe: &Stripe,
         f: impl FnOnce(&AtomicU64) -> Option<R>,
     ) -> Option<R> {
         // The store-load pattern (module docs): mark busy, fence, read `drains`.
-        stripe.busy.store(true, self.pattern.frequent_store());
-        self.pattern.frequent_fence();
-        let drains = self.drains.load(self.pattern.frequent_load());
+        let drains = self
+            .pattern
+            .frequent(|order| stripe.busy.store(true, order), |order| self.drains.load(order));
         let result = if drains == 0 { f(&stripe.credit) } else { None };
         // Release: a drain that reads `false` (Acquire) sees the credit store above.
         stripe.busy.store(false, Ordering::Release);

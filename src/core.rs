@@ -461,6 +461,7 @@ impl<D: Driver> StreamAlloc<D> {
     /// free for both APIs (S4/S5) of a block the caller owns in state `from` (`LIVE`, or
     /// `HANDLE` for its handle): into the front cache when it may go there, else through
     /// the driver tier.
+    #[inline(always)]
     fn release(&self, rec: Arc<Record>, from: u8) -> Result<()> {
         // The cache tier makes no driver call, so it needs no read section: a capture
         // that begins after this load finds the block idle, where a capture never takes
@@ -550,16 +551,20 @@ impl<D: Driver> StreamAlloc<D> {
 
     /// Frees a block its caller moved to `GONE` and took out of the map: the S23 check,
     /// the driver free, the books. On an error the block is back in the map, `LIVE`.
+    #[inline(always)]
     fn free_gone(&self, rec: &Arc<Record>, section: &Section<'_>) -> Result<()> {
         let ptr = rec.dptr();
         let checked =
             if self.check_errors { self.driver.check_last_error(rec.device()) } else { Ok(()) };
-        let result = checked.map_err(Error::from).and_then(|_| {
-            if rec.captured && !section.capturing() {
-                self.warnings.captured_free_outside_capture(ptr);
+        let result = match checked {
+            Ok(()) => {
+                if rec.captured && !section.capturing() {
+                    self.warnings.captured_free_outside_capture(ptr);
+                }
+                self.free_impl(rec, section)
             }
-            self.free_impl(rec, section)
-        });
+            Err(e) => Err(e.into()),
+        };
         match &result {
             Ok(()) => self.history_free(rec, rec.size(), true),
             Err(_) => {
@@ -572,6 +577,7 @@ impl<D: Driver> StreamAlloc<D> {
 
     /// S5: issues the driver free of a block (state `GONE`, out of the map, owned by the
     /// caller) and gives its bytes back.
+    #[inline(always)]
     fn free_impl(&self, rec: &Arc<Record>, section: &Section<'_>) -> Result<()> {
         let key = rec.ptr;
         let device = rec.device();
@@ -1068,6 +1074,7 @@ impl<D: Driver> Drop for StreamAlloc<D> {
 /// other streams (`recorded`), on the device's unifying stream after every stream it was
 /// used on. Returns the stream the free was issued on. A block with recorded streams
 /// lives on an initialized device, whose unifying stream exists.
+#[inline(always)]
 fn issue_free<L: Driver>(
     driver: &L,
     rec: &Record,

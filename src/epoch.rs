@@ -96,15 +96,15 @@ struct Counter<'a> {
 
 impl Counter<'_> {
     /// Announces a section: the store half of the store-load pattern.
-    #[inline]
-    fn announce(self, pattern: StoreLoad) {
+    #[inline(always)]
+    fn announce(self, pattern: StoreLoad, order: Ordering) {
         if self.owned {
             // Only this thread writes its counter, so a Relaxed load reads its own last
             // store (or the previous owner's, ordered by `thread_slot`'s registry); the
-            // store is the pattern's frequent-side store (pairs with the writer's
-            // counter read).
+            // store is the pattern's frequent-side store, `order` (pairs with the
+            // writer's counter read).
             let now = self.counter.load(Ordering::Relaxed);
-            self.counter.store(now + 1, pattern.frequent_store());
+            self.counter.store(now + 1, order);
         } else {
             self.counter.fetch_add(1, pattern.frequent_rmw());
         }
@@ -166,12 +166,15 @@ impl EpochGate {
         loop {
             let epoch = self.word.load(Ordering::Acquire);
             let counter = Counter { counter: &self.readers[(epoch & 1) as usize][s], owned };
-            counter.announce(self.pattern);
-            // Pairs with the writer's side in `transition` (see the module docs).
-            self.pattern.frequent_fence();
-            // Re-read: if a writer published meanwhile it may already have checked our
-            // counter; retry under the new epoch.
-            if self.word.load(self.pattern.frequent_load()) == epoch {
+            // The frequent side of the store-load pattern; pairs with the writer's side
+            // in `transition` (see the module docs). Re-read: if a writer published
+            // meanwhile it may already have checked our counter; retry under the new
+            // epoch.
+            let now = self.pattern.frequent(
+                |order| counter.announce(self.pattern, order),
+                |order| self.word.load(order),
+            );
+            if now == epoch {
                 return Section { counter, epoch };
             }
             counter.leave();

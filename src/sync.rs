@@ -111,44 +111,49 @@ pub(crate) fn thread_stripe(n: usize) -> usize {
     }
 }
 
-/// An index in `0..n` that the calling thread holds alone while it lives, or `None`
-/// (more than `n` threads hold one, or the thread is being torn down). A thread's index
-/// is given back when it exits and handed to a later thread; the registry's mutex orders
-/// everything the old owner wrote to the data behind its index before the new owner's
-/// first access. Under loom, model threads with an even id hold their id (the models
-/// spawn few), the others none, so both the owned and the shared paths are explored.
-#[inline]
-pub(crate) fn thread_slot(n: usize) -> Option<usize> {
-    #[cfg(not(streamalloc_loom))]
-    {
-        use std::cell::Cell;
-        /// Indexes given back by threads that exited.
-        static FREE: std::sync::Mutex<Vec<usize>> = std::sync::Mutex::new(Vec::new());
-        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-        /// `MINE` before the thread's first call.
-        const UNSET: usize = usize::MAX;
-        /// `MINE` once the thread's index was given back (thread teardown).
-        const GONE: usize = usize::MAX - 1;
-        // The calling thread's index, read on every call: a `const` thread-local with no
-        // destructor, so reading it is one load, valid during teardown too.
-        thread_local!(static MINE: Cell<usize> = const { Cell::new(UNSET) });
-        /// Holds the index and gives it back on exit (after marking `MINE` gone, so no
-        /// later call of this thread, in another thread-local's destructor, uses it).
-        struct Held(usize);
-        impl Drop for Held {
-            fn drop(&mut self) {
-                let _ = MINE.try_with(|m| m.set(GONE));
-                lock_std(&FREE).push(self.0);
-            }
-        }
-        thread_local!(static HELD: Held = Held(lock_std(&FREE).pop().unwrap_or_else(|| {
+/// The registry behind [`thread_slot`].
+#[cfg(not(streamalloc_loom))]
+mod slot {
+    use super::lock_std;
+    use std::cell::Cell;
+
+    /// Indexes given back by threads that exited.
+    static FREE: std::sync::Mutex<Vec<usize>> = std::sync::Mutex::new(Vec::new());
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    /// `MINE` before the thread's first call.
+    pub(super) const UNSET: usize = usize::MAX;
+    /// `MINE` once the thread's index was given back (thread teardown).
+    pub(super) const GONE: usize = usize::MAX - 1;
+
+    thread_local! {
+        /// The calling thread's index, read on every call: a `const` thread-local with no
+        /// destructor, so reading it is one load, valid during teardown too.
+        pub(super) static MINE: Cell<usize> = const { Cell::new(UNSET) };
+        /// Holds the index and gives it back on exit.
+        static HELD: Held = Held(lock_std(&FREE).pop().unwrap_or_else(|| {
             NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-        })));
-        let mine = MINE.try_with(Cell::get).unwrap_or(GONE);
+        }));
+    }
+
+    /// Holds the index and gives it back on exit (after marking `MINE` gone, so no later
+    /// call of this thread, in another thread-local's destructor, uses it).
+    struct Held(usize);
+
+    impl Drop for Held {
+        fn drop(&mut self) {
+            let _ = MINE.try_with(|m| m.set(GONE));
+            lock_std(&FREE).push(self.0);
+        }
+    }
+
+    /// `thread_slot` when the thread holds no index below `n`: its first call takes one
+    /// (registering `HELD`'s destructor); `None` if the index is `n` or above, or the
+    /// thread is being torn down.
+    #[cold]
+    #[inline(never)]
+    pub(super) fn first_or_gone(mine: usize, n: usize) -> Option<usize> {
         let index = match mine {
             UNSET => {
-                // First call: take an index (registering `HELD`'s destructor); `None` if
-                // the thread is already being torn down.
                 let i = HELD.try_with(|h| h.0).ok()?;
                 let _ = MINE.try_with(|m| m.set(i));
                 i
@@ -157,6 +162,26 @@ pub(crate) fn thread_slot(n: usize) -> Option<usize> {
             i => i,
         };
         (index < n).then_some(index)
+    }
+}
+
+/// An index in `0..n` that the calling thread holds alone while it lives, or `None`
+/// (more than `n` threads hold one, or the thread is being torn down). A thread's index
+/// is given back when it exits and handed to a later thread; the registry's mutex orders
+/// everything the old owner wrote to the data behind its index before the new owner's
+/// first access. Under loom, model threads with an even id hold their id (the models
+/// spawn few), the others none, so both the owned and the shared paths are explored.
+#[inline(always)]
+pub(crate) fn thread_slot(n: usize) -> Option<usize> {
+    #[cfg(not(streamalloc_loom))]
+    {
+        // The common case inline: the thread holds an index already (`UNSET` and `GONE`
+        // are above every `n`).
+        let mine = slot::MINE.try_with(std::cell::Cell::get).unwrap_or(slot::GONE);
+        if mine < n {
+            return Some(mine);
+        }
+        slot::first_or_gone(mine, n)
     }
     #[cfg(streamalloc_loom)]
     {

@@ -471,19 +471,26 @@ impl FrontCache {
 
     /// Moves a stream cache's byte count into the device total when it has drifted by
     /// `PUBLISH_STEP` (or always, when `force`). Returns whether it published.
-    #[inline]
+    #[inline(always)]
     fn publish(&self, device: Device, l: &mut Lists, force: bool) -> bool {
         let (now, then) = (l.bytes, l.published);
         if now == then || (!force && now.abs_diff(then) < PUBLISH_STEP) {
             return false;
         }
+        self.publish_now(device, l);
+        true
+    }
+
+    /// `publish` when it does (out of line).
+    #[inline(never)]
+    fn publish_now(&self, device: Device, l: &mut Lists) {
+        let (now, then) = (l.bytes, l.published);
         if now > then {
             self.cached[device].fetch_add(now - then, Ordering::Relaxed);
         } else {
             self.cached[device].fetch_sub(then - now, Ordering::Relaxed);
         }
         l.published = now;
-        true
     }
 
     /// The cache of (device, stream) from the map (made when `create`). Out of line: the
