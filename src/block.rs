@@ -93,6 +93,7 @@ pub(crate) struct Record {
 impl Record {
     /// A block fresh from the driver, handed out in `state` (`LIVE` or `HANDLE`).
     #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
     pub(crate) fn new(
         ptr: DevicePtr,
         device: Device,
@@ -122,7 +123,10 @@ impl Record {
     }
 
     /// `rec` in an `Arc`: in a spare record of this thread if it has one, else a new one.
-    #[inline]
+    /// Inline with its caller's `Record::new`, so the fields are written into the spare
+    /// directly (a copy through the stack read back 16 bytes at a time costs a
+    /// store-forwarding stall).
+    #[inline(always)]
     pub(crate) fn shared(rec: Record) -> Arc<Record> {
         let spare = SPARE.try_with(|s| s.borrow_mut().pop()).ok().flatten();
         match spare {

@@ -512,9 +512,18 @@ impl<D: Driver> StreamAlloc<D> {
         // Out of the map before the driver free: the driver may hand the address out
         // again at once, and the new block's record must not be the one removed.
         drop(self.blocks.remove(&rec));
-        let result = self.free_gone(&rec, &section);
-        Record::retire(rec);
-        result
+        // Each arm returns its own value: one result kept across the call would be
+        // copied back through the stack (a store-forwarding stall per free).
+        match self.free_gone(&rec, &section) {
+            Ok(()) => {
+                Record::retire(rec);
+                Ok(())
+            }
+            Err(e) => {
+                Record::retire(rec);
+                Err(e)
+            }
+        }
     }
 
     /// The pointer API's free when the front cache is off: the block goes `LIVE` →
@@ -528,11 +537,17 @@ impl<D: Driver> StreamAlloc<D> {
             .blocks
             .remove_if(ptr.as_raw(), |r| (r.captured || !capturing) && r.transition(LIVE, GONE));
         match taken {
-            Some(rec) => {
-                let result = self.free_gone(&rec, &section);
-                Record::retire(rec);
-                result
-            }
+            Some(rec) => match self.free_gone(&rec, &section) {
+                // As in `release_driver`: no result kept across the call.
+                Ok(()) => {
+                    Record::retire(rec);
+                    Ok(())
+                }
+                Err(e) => {
+                    Record::retire(rec);
+                    Err(e)
+                }
+            },
             None => {
                 drop(section);
                 self.free_looked_up(ptr)
