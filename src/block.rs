@@ -84,8 +84,10 @@ pub(crate) struct Record {
     state: AtomicU8,
     /// Whether `recorded` holds any stream (read without the lock on every free).
     has_recorded: AtomicBool,
-    /// Streams recorded with `record_stream` (rare).
-    recorded: Mutex<Vec<UsageStream>>,
+    /// Streams recorded with `record_stream` (rare: boxed, so a record that has none
+    /// spends one pointer on them, not a whole vector).
+    #[allow(clippy::box_collection)]
+    recorded: Mutex<Option<Box<Vec<UsageStream>>>>,
     /// When it last went idle, on its stream cache's clock (written under that lock).
     idle_since: AtomicU64,
 }
@@ -117,7 +119,7 @@ impl Record {
             size: AtomicU64::new(size),
             state: AtomicU8::new(state),
             has_recorded: AtomicBool::new(false),
-            recorded: Mutex::new(Vec::new()),
+            recorded: Mutex::new(None),
             idle_since: AtomicU64::new(0),
         }
     }
@@ -243,6 +245,7 @@ impl Record {
     /// Adds `stream` to the recorded streams (S6).
     pub(crate) fn record(&self, stream: UsageStream) {
         let mut r = crate::sync::lock_std(&self.recorded);
+        let r = r.get_or_insert_with(Box::default);
         if !r.contains(&stream) {
             r.push(stream);
         }
@@ -263,7 +266,7 @@ impl Record {
     #[cold]
     #[inline(never)]
     fn recorded_list(&self) -> Vec<UsageStream> {
-        crate::sync::lock_std(&self.recorded).clone()
+        crate::sync::lock_std(&self.recorded).as_deref().cloned().unwrap_or_default()
     }
 
     /// The block as a snapshot lists it.
@@ -334,13 +337,13 @@ mod tests {
     #[test]
     fn spare_records_are_reused_only_when_unshared() {
         let a = Record::shared(record(0x1000));
-        a.recorded.lock().unwrap().push(UsageStream::new(Stream::NULL, 0));
+        a.record(UsageStream::new(Stream::NULL, 0));
         let addr = Arc::as_ptr(&a);
         Record::retire(a);
         let b = Record::shared(record(0x2000));
         assert_eq!(Arc::as_ptr(&b), addr, "the spare is reused");
         assert_eq!(b.ptr, 0x2000);
-        assert!(b.recorded.lock().unwrap().is_empty(), "the old contents were replaced");
+        assert!(b.recorded().is_empty(), "the old contents were replaced");
 
         let held = b.clone();
         Record::retire(b);

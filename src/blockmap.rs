@@ -95,7 +95,7 @@ impl Default for Table {
 }
 
 impl Table {
-    /// Slots in a new table; it doubles when more than half full.
+    /// Slots in a new table; it doubles when more than three quarters full.
     const FIRST_BITS: u32 = 3;
 
     #[inline(always)]
@@ -129,7 +129,7 @@ impl Table {
     /// Inserts `rec` at `addr`; returns the record that was there.
     #[inline(always)]
     pub(crate) fn insert(&mut self, addr: u64, rec: Arc<Record>) -> Option<Arc<Record>> {
-        if (self.len + 1) * 2 > self.slots.len() {
+        if (self.len + 1) * 4 > self.slots.len() * 3 {
             self.grow();
         }
         let mask = self.mask();
