@@ -512,18 +512,7 @@ impl<D: Driver> StreamAlloc<D> {
         // Out of the map before the driver free: the driver may hand the address out
         // again at once, and the new block's record must not be the one removed.
         drop(self.blocks.remove(&rec));
-        // Each arm returns its own value: one result kept across the call would be
-        // copied back through the stack (a store-forwarding stall per free).
-        match self.free_gone(&rec, &section) {
-            Ok(()) => {
-                Record::retire(rec);
-                Ok(())
-            }
-            Err(e) => {
-                Record::retire(rec);
-                Err(e)
-            }
-        }
+        self.free_and_retire(rec, &section)
     }
 
     /// The pointer API's free when the front cache is off: the block goes `LIVE` →
@@ -537,17 +526,7 @@ impl<D: Driver> StreamAlloc<D> {
             .blocks
             .remove_if(ptr.as_raw(), |r| (r.captured || !capturing) && r.transition(LIVE, GONE));
         match taken {
-            Some(rec) => match self.free_gone(&rec, &section) {
-                // As in `release_driver`: no result kept across the call.
-                Ok(()) => {
-                    Record::retire(rec);
-                    Ok(())
-                }
-                Err(e) => {
-                    Record::retire(rec);
-                    Err(e)
-                }
-            },
+            Some(rec) => self.free_and_retire(rec, &section),
             None => {
                 drop(section);
                 self.free_looked_up(ptr)
@@ -561,6 +540,23 @@ impl<D: Driver> StreamAlloc<D> {
             Some(rec) if rec.state() == HANDLE => Err(Error::OwnedByHandle { ptr }),
             Some(rec) => self.release(rec, LIVE),
             None => Err(self.unknown_or_double_free(ptr)),
+        }
+    }
+
+    /// `free_gone`, then the record kept as a spare if nobody else holds it. Each arm
+    /// returns its own value: one result kept across the retire call would be copied
+    /// back through the stack (a store-forwarding stall per free).
+    #[inline(always)]
+    fn free_and_retire(&self, rec: Arc<Record>, section: &Section<'_>) -> Result<()> {
+        match self.free_gone(&rec, section) {
+            Ok(()) => {
+                Record::retire(rec);
+                Ok(())
+            }
+            Err(e) => {
+                Record::retire(rec);
+                Err(e)
+            }
         }
     }
 
