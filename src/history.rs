@@ -415,7 +415,7 @@ pub struct CachedBlock {
     pub stream: Stream,
 }
 
-/// A block's state in a [`MemorySnapshot`].
+/// A block's state in a memory snapshot ([`SnapshotBlock`]).
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub enum BlockState {
     /// Live: handed out and not freed.

@@ -9,12 +9,16 @@
 //!                              returns what the release policy gives back to the driver
 //! ```
 //!
+//! A thread finds its stream caches through a memo of the last four it used, the last one
+//! first (a plain thread-local compare; see `FrontCache::find`), so a hit touches no
+//! shared line until the stream cache's own lock.
+//!
 //! A block freed on stream S is handed out again on S with no driver call: stream order
 //! makes that safe, exactly as the driver's own pool reuses on one stream. It never
 //! serves another stream, so no cross-stream ordering is needed. The cache holds no
 //! byte credit: live bytes are the budget's alone (`src/budget.rs`), and idle bytes are
 //! counted here (published to a device total when a stream cache drifts by
-//! [`PUBLISH_STEP`]).
+//! `PUBLISH_STEP`).
 //!
 //! Release policy (the cache decides, the core gives the blocks back to the driver):
 //! - idle: every [`CacheConfig::idle_interval`] operations on a stream cache, the blocks
