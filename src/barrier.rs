@@ -94,13 +94,6 @@ impl StoreLoad {
         }
     }
 
-    /// The frequent side's store, when it is a read-modify-write (then `frequent`'s
-    /// `store` closure uses this ordering instead of the one it is given).
-    #[inline(always)]
-    pub(crate) fn frequent_rmw(self) -> Ordering {
-        if self.asymmetric { Ordering::Relaxed } else { SYM_RMW }
-    }
-
     /// The rare side's store (`Release` at least: it may publish data).
     pub(crate) fn rare_store(self) -> Ordering {
         SYM_STORE

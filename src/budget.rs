@@ -143,8 +143,7 @@ impl Budget {
     /// compare-and-swap, a new chunk of credit, an exact claim.
     #[inline(never)]
     fn reserve_shared(&self, size: u64) -> Result<(), u64> {
-        let (stripe, _) = self.stripe();
-        let credit = &stripe.credit;
+        let credit = &self.stripe().credit;
         // Credit may be spent only while the claims are within the limit (a lowered limit,
         // or bytes freed into credit after it, can leave them above): then live bytes,
         // which never exceed the claims, stay within it too.
@@ -250,8 +249,7 @@ impl Budget {
             self.reserved.fetch_sub(size, Ordering::Relaxed);
             return;
         }
-        let (stripe, _) = self.stripe();
-        let credit = &stripe.credit;
+        let credit = &self.stripe().credit;
         let mut have = credit.fetch_add(size, Ordering::Relaxed) + size;
         while have > 2 * CREDIT_CHUNK {
             let move_ = self.begin_move();
@@ -279,13 +277,10 @@ impl Budget {
         thread_slot(OWNED).map(|i| &*self.stripes[i])
     }
 
-    /// This thread's stripe, and whether the thread holds it alone.
+    /// This thread's stripe: its own, else a shared one.
     #[inline]
-    fn stripe(&self) -> (&Stripe, bool) {
-        match thread_slot(OWNED) {
-            Some(i) => (&self.stripes[i], true),
-            None => (&self.stripes[OWNED + thread_stripe(STRIPES)], false),
-        }
+    fn stripe(&self) -> &Stripe {
+        self.owned_stripe().unwrap_or_else(|| &self.stripes[OWNED + thread_stripe(STRIPES)])
     }
 
     /// Runs `f` on the caller's own stripe's credit, which `f` may update with a plain

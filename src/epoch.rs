@@ -97,7 +97,7 @@ struct Counter<'a> {
 impl Counter<'_> {
     /// Announces a section: the store half of the store-load pattern.
     #[inline(always)]
-    fn announce(self, pattern: StoreLoad, order: Ordering) {
+    fn announce(self, order: Ordering) {
         if self.owned {
             // Only this thread writes its counter, so a Relaxed load reads its own last
             // store (or the previous owner's, ordered by `thread_slot`'s registry); the
@@ -106,7 +106,8 @@ impl Counter<'_> {
             let now = self.counter.load(Ordering::Relaxed);
             self.counter.store(now + 1, order);
         } else {
-            self.counter.fetch_add(1, pattern.frequent_rmw());
+            // A shared counter: the same store, as a read-modify-write.
+            self.counter.fetch_add(1, order);
         }
     }
 
@@ -170,10 +171,9 @@ impl EpochGate {
             // in `transition` (see the module docs). Re-read: if a writer published
             // meanwhile it may already have checked our counter; retry under the new
             // epoch.
-            let now = self.pattern.frequent(
-                |order| counter.announce(self.pattern, order),
-                |order| self.word.load(order),
-            );
+            let now = self
+                .pattern
+                .frequent(|order| counter.announce(order), |order| self.word.load(order));
             if now == epoch {
                 return Section { counter, epoch };
             }

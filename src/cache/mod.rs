@@ -515,7 +515,7 @@ impl FrontCache {
     #[inline(always)]
     fn find(&self, device: Device, stream: Stream, create: bool) -> Option<Found> {
         let key = (self.id, device, stream);
-        if let Ok(Some((last, cache))) = LAST.try_with(Cell::get)
+        if let Some((last, cache)) = LAST.get()
             && last == key
         {
             return Some(Found { cache, fetched: None });
@@ -548,9 +548,9 @@ impl FrontCache {
     #[inline(always)]
     fn done(&self, device: Device, stream: Stream, found: Found, usable: bool) {
         if !usable {
-            self.forget(device, stream);
+            Self::forget((self.id, device, stream));
         } else if let Some(cache) = found.fetched {
-            self.remember(device, stream, cache);
+            Self::remember((self.id, device, stream), cache);
         }
     }
 
@@ -571,28 +571,27 @@ impl FrontCache {
         result.ok()
     }
 
-    /// Drops (device, stream) from this thread's memo (its cache was retired).
+    /// Drops `key` from this thread's memo (its cache was retired).
     #[cold]
-    fn forget(&self, device: Device, stream: Stream) {
-        let key = (self.id, device, stream);
+    fn forget(key: MemoKey) {
         let _ = MEMO.try_with(|memo| {
             // First the pointer, then the entry that keeps it valid.
-            let _ = LAST.try_with(|last| last.set(None));
+            LAST.set(None);
             memo.borrow_mut().0.retain(|e| e.0 != key);
         });
     }
 
-    /// Files a stream cache in this thread's memo (a memo miss; out of line).
+    /// Files a stream cache in this thread's memo as its last entry (a memo miss; out of
+    /// line). Not at all while the memo is gone (thread exit): `fetched` drops it.
     #[inline(never)]
-    fn remember(&self, device: Device, stream: Stream, cache: Arc<StreamCache>) {
-        let key = (self.id, device, stream);
+    fn remember(key: MemoKey, cache: Arc<StreamCache>) {
         let _ = MEMO.try_with(|memo| {
             let mut memo = memo.borrow_mut();
+            // First the pointer (it may point to the entry evicted next), then the entries.
+            LAST.set(Some((key, Arc::as_ptr(&cache))));
             if memo.0.len() >= MEMO_ENTRIES {
-                let _ = LAST.try_with(|last| last.set(None));
                 memo.0.remove(0);
             }
-            let _ = LAST.try_with(|last| last.set(Some((key, Arc::as_ptr(&cache)))));
             memo.0.push((key, cache));
         });
     }
